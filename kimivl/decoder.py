@@ -1,0 +1,184 @@
+"""The DeepSeek-V3 decoder of Kimi-VL (Moonlight): MLA attention and a sparse MoE with shared experts.
+
+Module and attribute names are the checkpoint's (`language_model.model.layers.N.self_attn.kv_b_proj`, ...). The one
+re-layout: each MoE layer holds its routed experts stacked (`experts.gate_up_proj` [E, 2I, H], gate rows first,
+`experts.down_proj` [E, H, I]); `checkpoint.py` maps them to and from the official per-expert names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TextConfig
+from .kernels.moe import moe_experts
+from .kernels.routing import route
+from .rope import apply_rope, rope_1d_angles
+
+LATENT_NORM_EPS = 1e-6  # kv_a_layernorm / q_a_layernorm are built without an eps argument: the class default
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). The dense layer-0 FFN and the shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Router weights; the correction bias exists for `noaux_tc` routing only."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        e, i, h = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        n_shared = cfg.n_shared_experts or 0
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [tokens, H]
+        ids, weights = route(flat, self.gate.weight, self.gate.e_score_correction_bias, self.config)
+        y = moe_experts(flat, ids, weights, self.experts.gate_up_proj, self.experts.down_proj).view_as(x)
+        return y if self.shared_experts is None else y + self.shared_experts(x)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention. Keys and values come from one compressed latent (kv_lora_rank) per token plus a
+    single rope key (qk_rope_head_dim) shared by all heads."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        nh, h = cfg.num_attention_heads, cfg.hidden_size
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, nh * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(nh * cfg.v_head_dim, h, bias=False)
+        self.softmax_scale = cfg.qk_head_dim ** -0.5
+
+    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> q_nope [B, T, heads, nope], rotated q_pe [B, T, heads, rope]."""
+        cfg = self.config
+        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.unflatten(-1, (cfg.num_attention_heads, -1)).split(
+            [cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> normalised latent [B, T, kv_lora_rank], rotated rope key [B, T, rope]: what a cache keeps."""
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.config.kv_lora_rank, self.config.qk_rope_head_dim], -1)
+        return self.kv_a_layernorm(latent), apply_rope(k_pe[..., None, :], cos, sin)[..., 0, :]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+                ) -> torch.Tensor:
+        """Full-sequence attention. mask: bool [B, 1, T, T] (True = attend) or None for plain causal."""
+        cfg = self.config
+        q_nope, q_pe = self.project_q(x, cos, sin)
+        latent, k_pe = self.project_latent(x, cos, sin)
+        k_nope, v = self.kv_b_proj(latent).unflatten(-1, (cfg.num_attention_heads, -1)).split(
+            [cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)  # [B, T, heads, nope], [B, T, heads, v]
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, heads, T, qk_head_dim]
+        k = torch.cat([k_nope, k_pe[:, :, None].expand_as(q_pe)], dim=-1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+                                             scale=self.softmax_scale)  # [B, heads, T, v]
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+                ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekV3Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs_embeds [B, T, H], position_ids [B, T], attention_mask [B, T] (1 = real token) -> hidden [B, T, H]
+        after the final norm."""
+        cfg = self.config
+        angles = rope_1d_angles(position_ids, cfg.qk_rope_head_dim, cfg.rope_theta)  # [B, T, rope/2]
+        cos, sin = angles.cos(), angles.sin()
+        mask = causal_mask(attention_mask, inputs_embeds.shape[1])
+        x = inputs_embeds
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask)
+        return self.model.norm(x)
+
+
+def causal_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """Bool [B, 1, T, T] (True = may attend): causal and only to real keys; None when nothing is padded.
+
+    Every query may attend to itself, so rows of padding never become all-masked (which would give NaN that then
+    leaks into real rows through the values).
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    mask = causal & attention_mask.bool()[:, None, None, :]
+    return mask | torch.eye(T, dtype=torch.bool, device=attention_mask.device)

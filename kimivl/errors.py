@@ -1,0 +1,17 @@
+"""Exception types: one per family, so callers can catch what they can act on."""
+
+
+class KimiVLError(Exception):
+    """Base class of every error kimivl raises on purpose."""
+
+
+class ConfigError(KimiVLError, ValueError):
+    """A config.json or config object is malformed or inconsistent."""
+
+
+class CheckpointError(KimiVLError):
+    """A checkpoint directory is missing, incomplete, corrupt or does not match its config."""
+
+
+class InputError(KimiVLError, ValueError):
+    """Inputs to the model (ids, images, grids) are inconsistent."""

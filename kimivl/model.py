@@ -1,0 +1,143 @@
+"""KimiVLForConditionalGeneration: MoonViT -> projector -> image features spliced into the decoder's input."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import KimiVLConfig
+from .decoder import DeepseekV3ForCausalLM
+from .errors import InputError
+from .vision import LN_EPS, MoonViT
+
+
+class KimiVLMultiModalProjector(nn.Module):
+    """LayerNorm on each 2x2 sub-patch, then Linear -> GELU (erf) -> Linear into the decoder width."""
+
+    def __init__(self, cfg: KimiVLConfig):
+        super().__init__()
+        v = cfg.vision_config
+        merged = v.hidden_size * v.merge_kernel_size[0] * v.merge_kernel_size[1]
+        self.pre_norm = nn.LayerNorm(v.hidden_size, eps=LN_EPS)
+        self.linear_1 = nn.Linear(merged, merged)
+        self.linear_2 = nn.Linear(merged, cfg.text_config.hidden_size)
+
+    def forward(self, merged: torch.Tensor) -> torch.Tensor:
+        """merged [N, kh*kw, C] -> [N, text hidden]."""
+        return self.linear_2(F.gelu(self.linear_1(self.pre_norm(merged).flatten(1))))
+
+
+@dataclass
+class KimiVLOutput:
+    logits: torch.Tensor  # [B, T, vocab] float32
+    loss: torch.Tensor | None = None
+
+
+class KimiVLForConditionalGeneration(nn.Module):
+    def __init__(self, config: KimiVLConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.vision_tower = MoonViT(config.vision_config)
+        self.multi_modal_projector = KimiVLMultiModalProjector(config)
+        self.language_model = DeepseekV3ForCausalLM(config.text_config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.lm_head.weight.dtype
+
+    def image_features(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> torch.Tensor:
+        """Packed patches -> one decoder-width row per merged token, images in order: [N_tokens, hidden]."""
+        merged = self.vision_tower(pixel_values, image_grid_hws)
+        return self.multi_modal_projector(torch.cat(merged))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_grid_hws: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features written over the `<|media_pad|>` positions, in order."""
+        embeds = self.language_model.model.embed_tokens(input_ids)  # [B, T, H]
+        is_media = input_ids == self.config.media_placeholder_token_id
+        n_slots = int(is_media.sum())
+        if pixel_values is None or pixel_values.numel() == 0:
+            if n_slots:
+                raise InputError(f"input_ids hold {n_slots} <|media_pad|> tokens "
+                                 f"(id {self.config.media_placeholder_token_id}) but no pixel_values were given")
+            return embeds
+        if image_grid_hws is None:
+            raise InputError("pixel_values were given without image_grid_hws")
+        feats = self.image_features(pixel_values, image_grid_hws)
+        if feats.shape[0] != n_slots:
+            raise InputError(f"the images give {feats.shape[0]} feature tokens (sum of h*w/4 over image_grid_hws) "
+                             f"but input_ids hold {n_slots} <|media_pad|> tokens: expand each image's placeholder "
+                             "to (h*w)/4 tokens")
+        return embeds.to(feats.dtype).masked_scatter(is_media[..., None], feats)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                image_grid_hws: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> KimiVLOutput:
+        """input_ids [B, T]; pixel_values [L, 3, 14, 14]; image_grid_hws [N, 2]; attention_mask [B, T] (1 = real);
+        labels [B, T] (-100 = ignored) -> logits [B, T, vocab] in float32 and the next-token loss."""
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise InputError(f"attention_mask shape {list(attention_mask.shape)} != input_ids shape "
+                             f"{list(input_ids.shape)}")
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, attention_mask)
+        embeds = self.embed(input_ids, pixel_values, image_grid_hws)
+        hidden = self.language_model(embeds, position_ids, attention_mask)
+        logits = self.language_model.lm_head(hidden).float()
+        loss = None if labels is None else next_token_loss(logits, labels, self.config.ignore_index)
+        return KimiVLOutput(logits=logits, loss=loss)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> "KimiVLForConditionalGeneration":
+        """Load an official-format checkpoint directory (see `kimivl.checkpoint.load`)."""
+        from .checkpoint import load
+        return load(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        """Write the official layout: config.json, safetensors shard(s) and an index when sharded."""
+        from .checkpoint import save
+        save(self, path, max_shard_size=max_shard_size)
+
+
+def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """0..T-1 per row, counted over real tokens only when a mask is given (so left padding does not shift them)."""
+    if attention_mask is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross entropy of predicting labels[:, t+1] from logits[:, t], positions labelled ignore_index skipped."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=ignore_index)
+
+
+@torch.no_grad()
+def init_weights(model: KimiVLForConditionalGeneration, seed: int | None = None) -> None:
+    """Random initialisation for new models: N(0, initializer_range) matrices and tables, zero biases, unit norms.
+
+    Correction biases get small random values so that they visibly steer routing in tests.
+    """
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    std = model.config.text_config.initializer_range
+    for name, p in model.named_parameters():
+        if name.endswith("e_score_correction_bias"):
+            values = torch.randn(p.shape, generator=gen) * 0.1
+        elif p.dim() >= 2:
+            values = torch.randn(p.shape, generator=gen) * std
+        elif "norm" in name.rsplit(".", 2)[-2] and name.endswith("weight"):
+            values = torch.ones(p.shape)
+        else:
+            values = torch.zeros(p.shape)
+        p.copy_(values)

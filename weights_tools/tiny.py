@@ -1,0 +1,46 @@
+"""Tiny random checkpoints in the official format, for tests and demos."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from kimivl import KimiVLConfig, KimiVLForConditionalGeneration
+from kimivl.model import init_weights
+
+# The published Kimi-VL-A3B-Instruct preprocessor settings (spec 6); image_mean/std are read from the checkpoint.
+PREPROCESSOR_CONFIG = {
+    "image_processor_type": "KimiVLImageProcessor",
+    "processor_class": "KimiVLProcessor",
+    "patch_size": 14,
+    "in_token_limit": 4096,
+    "pad_input": True,
+    "merge_kernel_size": [2, 2],
+    "num_pooled_tokens": 1024,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
+
+
+def make_tiny(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, shards: int = 2
+              ) -> KimiVLForConditionalGeneration:
+    """Write a random `preset` model to `out` as an official checkpoint split into about `shards` files.
+
+    Every parameter is random (norm weights near 1, biases and correction biases non-zero) so that tests see a
+    wrong layout or a dropped term. Returns the model (float32).
+    """
+    config = KimiVLConfig.preset(preset)
+    model = KimiVLForConditionalGeneration(config)
+    init_weights(model, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and not name.endswith("e_score_correction_bias"):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    model.save_pretrained(out, max_shard_size=total // shards + 1)
+    (Path(out) / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+    return model

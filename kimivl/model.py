@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import KimiVLConfig
-from .decoder import DeepseekV3ForCausalLM
+from .decoder import DeepseekV3ForCausalLM, MoE
 from .errors import InputError
 from .vision import LN_EPS, MoonViT
 
@@ -141,3 +141,23 @@ def init_weights(model: KimiVLForConditionalGeneration, seed: int | None = None)
         else:
             values = torch.zeros(p.shape)
         p.copy_(values)
+
+
+def parameter_counts(config: KimiVLConfig) -> dict[str, int]:
+    """Parameters per component, counted on a meta-device model (no memory), and those one token activates.
+
+    Activated per token: everything except the routed experts a token does not use (it uses num_experts_per_tok
+    of n_routed_experts in every MoE layer); the embedding table counts fully, as published figures do.
+    """
+    with torch.device("meta"):
+        model = KimiVLForConditionalGeneration(config)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    lm = model.language_model
+    counts = {"vision": count(model.vision_tower), "projector": count(model.multi_modal_projector),
+              "decoder": count(lm), "embeddings": lm.model.embed_tokens.weight.numel() + lm.lm_head.weight.numel()}
+    counts["total"] = counts["vision"] + counts["projector"] + counts["decoder"]
+    t = config.text_config
+    routed = sum(count(layer.mlp.experts) for layer in lm.model.layers if isinstance(layer.mlp, MoE))
+    unused = routed - routed * (t.num_experts_per_tok or 0) // (t.n_routed_experts or 1)
+    counts["decoder_activated"] = counts["decoder"] - unused
+    return counts

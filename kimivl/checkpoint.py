@@ -151,13 +151,12 @@ def locate_tensors(path: Path, handles: dict, expected: dict[str, tuple[str, Ind
             if info.get_dtype() not in _FLOAT_DTYPES:
                 problems.append(f"{key} in {f}: dtype {info.get_dtype()}, expected a floating-point type")
     index_file = path / INDEX_NAME
-    if index_file.exists():
-        for key, f in read_index(index_file).items():
-            if key in where and where[key] != f:
-                problems.append(f"{key}: {INDEX_NAME} says {f} but it is stored in {where[key]}")
-            elif key not in where and key in expected:
-                problems.append(f"{key}: {INDEX_NAME} says {f} but that file does not hold it")
-    problems += [f"{key}: missing" for key in expected if key not in where]
+    indexed = read_index(index_file) if index_file.exists() else {}
+    for key, f in indexed.items():
+        if key in where and where[key] != f:
+            problems.append(f"{key}: {INDEX_NAME} says {f} but it is stored in {where[key]}")
+    problems += [f"{key}: missing" + (f" ({INDEX_NAME} says {indexed[key]}, which does not hold it)"
+                                      if key in indexed else "") for key in expected if key not in where]
     return where, problems
 
 

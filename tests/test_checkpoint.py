@@ -1,0 +1,200 @@
+"""Checkpoint I/O: official layout, bit-identical round trips, and a clear error for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from kimivl import CheckpointError, KimiVLForConditionalGeneration
+from kimivl.checkpoint import INDEX_NAME, parse_size, plan_shards, to_official
+from weights_tools.__main__ import main as weights_tools_main
+
+
+def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
+
+
+def test_make_tiny_writes_a_sharded_official_checkpoint(tmp_path):
+    assert weights_tools_main(["make-tiny", str(tmp_path / "t"), "--seed", "3"]) == 0
+    files = sorted(p.name for p in (tmp_path / "t").iterdir())
+    assert files == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                     INDEX_NAME, "preprocessor_config.json"]
+    index = json.loads((tmp_path / "t" / INDEX_NAME).read_text())
+    on_disk = {}
+    for f in set(index["weight_map"].values()):
+        with safe_open(tmp_path / "t" / f, framework="pt") as h:
+            on_disk |= {k: f for k in h.keys()}
+    assert on_disk == index["weight_map"]
+    # the names are the official ones (pinned): per-expert routed experts, no stacked tensors
+    for name in ["language_model.model.layers.1.mlp.experts.7.down_proj.weight",
+                 "language_model.model.layers.2.mlp.experts.0.gate_proj.weight",
+                 "language_model.model.layers.1.mlp.gate.e_score_correction_bias",
+                 "language_model.model.layers.0.mlp.gate_proj.weight",
+                 "language_model.model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+                 "vision_tower.encoder.blocks.1.wqkv.bias", "vision_tower.patch_embed.pos_emb.weight",
+                 "multi_modal_projector.linear_2.bias", "language_model.lm_head.weight"]:
+        assert name in on_disk
+    assert not any("gate_up_proj" in k or k.endswith("experts.down_proj") for k in on_disk)
+
+
+def test_expert_names_map_to_stacked_slices(tiny_checkpoint):
+    model = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"))
+    official = to_official(model.state_dict())
+    experts = model.language_model.model.layers[2].mlp.experts
+    inter = model.config.text_config.moe_intermediate_size
+    p = "language_model.model.layers.2.mlp.experts.5."
+    assert torch.equal(official[p + "gate_proj.weight"], experts.gate_up_proj[5, :inter])
+    assert torch.equal(official[p + "up_proj.weight"], experts.gate_up_proj[5, inter:])
+    assert torch.equal(official[p + "down_proj.weight"], experts.down_proj[5])
+    # and the files hold exactly those tensors
+    on_disk = {}
+    for f in Path(tiny_checkpoint("tiny")).glob("model-*.safetensors"):
+        on_disk |= load_file(f)
+    assert on_disk.keys() == official.keys()
+    assert all(torch.equal(on_disk[k], official[k]) for k in official)
+
+
+@pytest.mark.parametrize("max_shard_size", ["1GB", 300_000])
+def test_save_load_round_trip_is_bit_identical(tiny_checkpoint, tmp_path, max_shard_size):
+    model = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny-qlora"))
+    model.save_pretrained(tmp_path, max_shard_size=max_shard_size)
+    sharded = (tmp_path / INDEX_NAME).exists()
+    assert sharded == (max_shard_size == 300_000)
+    assert ((tmp_path / "model.safetensors").exists()) != sharded
+    again = KimiVLForConditionalGeneration.from_pretrained(tmp_path)
+    assert again.config == model.config
+    assert state_equal(model, again)
+    # saving again into the same directory with another sharding leaves no stale weight files behind
+    again.save_pretrained(tmp_path, max_shard_size="1GB" if sharded else 300_000)
+    assert state_equal(model, KimiVLForConditionalGeneration.from_pretrained(tmp_path))
+    assert len(list(tmp_path.glob("*.safetensors"))) == (1 if sharded else len(
+        set(json.loads((tmp_path / INDEX_NAME).read_text())["weight_map"].values())))
+
+
+def test_load_in_bfloat16_and_save_records_dtype(tiny_checkpoint, tmp_path):
+    model = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert state_equal(model, KimiVLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16))
+
+
+def test_loading_never_unpickles(tiny_checkpoint, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("unpickling attempted")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"))
+
+
+def test_save_size_helpers():
+    assert parse_size("5GB") == 5 * 10 ** 9 and parse_size("2MiB") == 2 * 2 ** 20 and parse_size(123) == 123
+    assert plan_shards({"a": 4, "b": 4, "c": 9, "d": 1}, 8) == [["a", "b"], ["c"], ["d"]]
+    with pytest.raises(ValueError, match="cannot read a size"):
+        parse_size("lots")
+
+
+# ---- bad input: one clear CheckpointError naming the file and tensor ------------------------------------------
+@pytest.fixture
+def ckpt(tiny_checkpoint, tmp_path):
+    """A fresh, writable copy of the sharded tiny checkpoint."""
+    out = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("tiny"), out)
+    return out
+
+
+def shard_of(ckpt, key):
+    return ckpt / json.loads((ckpt / INDEX_NAME).read_text())["weight_map"][key]
+
+
+def rewrite(path, edit):
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def load_error(path) -> str:
+    with pytest.raises(CheckpointError) as info:
+        KimiVLForConditionalGeneration.from_pretrained(path)
+    return str(info.value)
+
+
+def test_error_wrong_path(tmp_path):
+    assert "no such checkpoint directory" in load_error(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in load_error(tmp_path / "file")
+
+
+def test_error_missing_or_broken_config(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text("{not json")
+    assert "config.json is not valid JSON" in load_error(ckpt)
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "model_type": "llava"}))
+    assert "model_type is 'llava', expected 'kimi_vl'" in load_error(ckpt)
+    (ckpt / "config.json").unlink()
+    assert "no config file" in load_error(ckpt)
+
+
+def test_error_lists_every_tensor_problem(ckpt):
+    key_shape = "language_model.model.layers.1.self_attn.q_proj.weight"
+    key_gone = "vision_tower.encoder.blocks.0.wo.bias"
+    rewrite(shard_of(ckpt, key_shape), lambda t: t.update({key_shape: t[key_shape][:-1].clone()}))
+
+    def drop_and_add(t):
+        del t[key_gone]
+        t["language_model.model.layers.1.mlp.experts.99.up_proj.weight"] = torch.zeros(2)
+
+    rewrite(shard_of(ckpt, key_gone), drop_and_add)
+    msg = load_error(ckpt)
+    assert f"{key_shape} in {shard_of(ckpt, key_shape).name}: shape [95, 64], expected [96, 64]" in msg
+    assert f"{key_gone}: missing ({INDEX_NAME} says {shard_of(ckpt, key_gone).name}, which does not hold it)" in msg
+    assert "experts.99.up_proj.weight in" in msg and "unexpected tensor" in msg
+
+
+def test_error_tensor_in_two_shards(ckpt):
+    key = "language_model.lm_head.weight"
+    first, second = sorted(ckpt.glob("model-*.safetensors"))
+    other = second if shard_of(ckpt, key) == first else first
+    value = load_file(shard_of(ckpt, key))[key]
+    rewrite(other, lambda t: t.update({key: value}))
+    assert f"{key}: stored twice" in load_error(ckpt)
+
+
+def test_error_integer_dtype(ckpt):
+    key = "language_model.model.norm.weight"
+    rewrite(shard_of(ckpt, key), lambda t: t.update({key: t[key].to(torch.int32)}))
+    assert f"{key} in {shard_of(ckpt, key).name}: dtype I32" in load_error(ckpt)
+
+
+def test_error_truncated_and_garbage_shards(ckpt):
+    first = sorted(ckpt.glob("model-*.safetensors"))[0]
+    data = first.read_bytes()
+    first.write_bytes(data[: len(data) // 2])
+    msg = load_error(ckpt)
+    assert first.name in msg and "truncated or corrupt" in msg
+    first.write_bytes(b"\xff" * 64)
+    assert first.name in load_error(ckpt)
+
+
+def test_error_index_names_missing_file(ckpt):
+    index = json.loads((ckpt / INDEX_NAME).read_text())
+    key = "language_model.lm_head.weight"
+    index["weight_map"][key] = "model-00009-of-00009.safetensors"
+    (ckpt / INDEX_NAME).write_text(json.dumps(index))
+    assert "model-00009-of-00009.safetensors: named in model.safetensors.index.json but missing" in load_error(ckpt)
+
+
+def test_error_no_weights(ckpt):
+    for f in [*ckpt.glob("*.safetensors"), ckpt / INDEX_NAME]:
+        f.unlink()
+    assert f"neither {INDEX_NAME} nor model.safetensors found" in load_error(ckpt)

@@ -56,12 +56,13 @@ def expected_tensors(config: KimiVLConfig) -> dict[str, tuple[int, ...]]:
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"):
     """Read config.json and the safetensors weights of a checkpoint directory into a new model.
 
     The model is built on the meta device and materialised straight from the files. Every problem (missing,
     unexpected, misshapen, duplicated tensors; unreadable shards) is collected and raised as one CheckpointError.
-    dtype None means float32 on CPU (where bfloat16 matmuls are very slow) and the config's torch_dtype elsewhere.
+    dtype (a torch.dtype or its name) None means float32 on CPU (where bfloat16 matmuls are very slow) and the
+    config's torch_dtype elsewhere.
     """
     from .model import KimiVLForConditionalGeneration
 
@@ -75,6 +76,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
         raise CheckpointError(str(e)) from None
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else _dtype(config.torch_dtype or "bfloat16")
+    elif isinstance(dtype, str):
+        dtype = _dtype(dtype)
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"dtype must be a floating-point type, got {dtype}")
 
     with torch.device("meta"):
         model = KimiVLForConditionalGeneration(config)
@@ -163,28 +168,44 @@ def locate_tensors(path: Path, handles: dict, expected: dict[str, tuple[str, Ind
 # ---- saving -----------------------------------------------------------------------------------------------------
 def save(model, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
     """Write config.json and the weights under their official names, sharded with an index when they exceed
-    max_shard_size. Files are written under temporary names and renamed, and stale weight files removed."""
+    max_shard_size.
+
+    Every file is written under a temporary name, then renamed into place: weights, then the index naming them,
+    then config.json; weight files of an earlier save that this one does not use are removed last. An interrupted
+    save thus leaves either the earlier checkpoint or the new one for the loader to find.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = to_official(model.state_dict())
-    shards = plan_shards({k: t.numel() * t.element_size() for k, t in tensors.items()}, parse_size(max_shard_size))
+    sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    shards = plan_shards(sizes, parse_size(max_shard_size))
     names = [SINGLE_NAME] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, keys in zip(names, shards):
-        save_file({k: tensors[k].detach().to("cpu").clone() for k in keys}, path / (name + ".tmp"),
+    staged = []
+    for name, keys in zip(names, shards):  # one shard in memory at a time (the clones unshare expert slices)
+        save_file({k: tensors[k].detach().to("cpu").clone() for k in keys}, _staging(path, name, staged),
                   metadata={"format": "pt"})
-    for stale in [*path.glob("model*.safetensors"), path / INDEX_NAME]:
-        stale.unlink(missing_ok=True)
-    for name in names:
-        os.replace(path / (name + ".tmp"), path / name)
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        index = {"metadata": {"total_size": sum(sizes.values())},
                  "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
-        (path / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        _staging(path, INDEX_NAME, staged).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     config = copy.deepcopy(model.config)
     config.torch_dtype = config.vision_config.torch_dtype = config.text_config.torch_dtype = \
         str(model.dtype).removeprefix("torch.")
-    config.to_json(path / "config.json")
+    config.to_json(_staging(path, "config.json", staged))
+    for name, tmp in staged:
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path / name)
+    keep = {name for name, _ in staged}
+    for stale in [*path.glob("model*.safetensors"), path / INDEX_NAME]:
+        if stale.name not in keep:
+            stale.unlink(missing_ok=True)
+
+
+def _staging(path: Path, name: str, staged: list[tuple[str, Path]]) -> Path:
+    tmp = path / f".{name}.tmp"
+    staged.append((name, tmp))
+    return tmp
 
 
 def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
@@ -216,5 +237,5 @@ _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 def _dtype(name: str) -> torch.dtype:
     dt = getattr(torch, str(name).removeprefix("torch."), None)
     if not isinstance(dt, torch.dtype):
-        raise CheckpointError(f"unknown torch_dtype {name!r}")
+        raise CheckpointError(f"unknown dtype {name!r}; use e.g. 'float32' or 'bfloat16'")
     return dt

@@ -99,7 +99,7 @@ class KimiVLForConditionalGeneration(nn.Module):
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         device: str | torch.device = "cpu") -> "KimiVLForConditionalGeneration":
         """Load an official-format checkpoint directory (see `kimivl.checkpoint.load`)."""
         from .checkpoint import load

@@ -80,7 +80,7 @@ def test_save_load_round_trip_is_bit_identical(tiny_checkpoint, tmp_path, max_sh
 
 
 def test_load_in_bfloat16_and_save_records_dtype(tiny_checkpoint, tmp_path):
-    model = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"), dtype=torch.bfloat16)
+    model = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"), dtype="bfloat16")
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"

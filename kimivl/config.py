@@ -39,6 +39,8 @@ class VisionConfig:
         return self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
+        if self.model_type != "moonvit":
+            raise ConfigError(f"vision_config.model_type is {self.model_type!r}, expected 'moonvit'")
         _positive(self, "patch_size", "init_pos_emb_height", "init_pos_emb_width", "num_attention_heads",
                   "num_hidden_layers", "hidden_size", "intermediate_size")
         if self.hidden_size % self.num_attention_heads:
@@ -109,6 +111,8 @@ class TextConfig:
                 and layer % self.moe_layer_freq == 0)
 
     def validate(self) -> None:
+        if self.model_type != "deepseek_v3":
+            raise ConfigError(f"text_config.model_type is {self.model_type!r}, expected 'deepseek_v3'")
         _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
                   "moe_layer_freq")

@@ -97,6 +97,19 @@ def test_loading_never_unpickles(tiny_checkpoint, monkeypatch):
     KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"))
 
 
+def test_loading_builds_on_meta_and_never_initialises_weights(tiny_checkpoint, monkeypatch):
+    devices = []
+    real = torch.nn.init.kaiming_uniform_
+
+    def spy(tensor, *args, **kwargs):
+        devices.append(tensor.device.type)
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", spy)
+    KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"))
+    assert devices and set(devices) == {"meta"}  # nn.Linear/Conv2d init ran only on shapeless meta tensors
+
+
 def test_save_size_helpers():
     assert parse_size("5GB") == 5 * 10 ** 9 and parse_size("2MiB") == 2 * 2 ** 20 and parse_size(123) == 123
     assert plan_shards({"a": 4, "b": 4, "c": 9, "d": 1}, 8) == [["a", "b"], ["c"], ["d"]]

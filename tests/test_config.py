@@ -85,6 +85,8 @@ def test_tiny_keeps_every_structural_feature():
 
 @pytest.mark.parametrize("path, value, message", [
     (("model_type",), "qwen2_vl", "expected 'kimi_vl'"),
+    (("text_config", "model_type"), "llama", "text_config.model_type is 'llama', expected 'deepseek_v3'"),
+    (("vision_config", "model_type"), "siglip", "expected 'moonvit'"),
     (("text_config", "n_group"), 3, "must be divisible by n_group"),
     (("text_config", "topk_group"), 2, "topk_group .* must be <= n_group"),
     (("text_config", "scoring_func"), "relu", "scoring_func must be one of"),

@@ -69,7 +69,7 @@ def build_prompt(sample: Sample) -> str:
     return "\n".join(parts)
 
 
-# ---- circular evaluation (MMBench) ------------------------------------------------------------------------------
+# ---- circular evaluation (MMBench) --------------------------------------------------------------------------------
 def circular_expand(samples: list[Sample]) -> list[Sample]:
     """MMBench circular evaluation: a question with N options is asked N times, its options rotated by k = 0..N-1;
     copy k gets index i + k * 1e6 (VLMEvalKit's convention) and the answer letter moves with its option."""
@@ -106,7 +106,7 @@ def _int_index(s: Sample) -> int:
         raise DataError(f"sample {s.index!r}: circular evaluation needs integer indices") from None
 
 
-# ---- reading ----------------------------------------------------------------------------------------------------
+# ---- reading ------------------------------------------------------------------------------------------------------
 def read_dataset(path: str | os.PathLike) -> list[Sample]:
     """Read a `.tsv` or `.jsonl` benchmark file."""
     path = Path(path)
@@ -264,7 +264,7 @@ def _check_unique(samples: list[Sample], path: Path) -> list[Sample]:
     return samples
 
 
-# ---- writing ----------------------------------------------------------------------------------------------------
+# ---- writing ------------------------------------------------------------------------------------------------------
 def write_tsv(samples: list[Sample], path: str | os.PathLike) -> Path:
     """Write samples as a TSV that read_tsv (and pandas' `read_csv(sep='\\t')`) reads back."""
     path = Path(path)

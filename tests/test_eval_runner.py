@@ -1,0 +1,152 @@
+"""The runner: resuming after an interruption gives the same report, and the `kimivl eval` command end to end (with the
+stub predictors until generation lands)."""
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from kimivl.cli import main
+from kimivl.eval.data import Sample, read_tsv, write_tsv
+from kimivl.eval.errors import EvalError
+from kimivl.eval.metrics import get_metric
+from kimivl.eval.runner import load_predictor, run_benchmark, run_eval
+from kimivl.eval.synthetic import write_synthetic
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Student:
+    """Deterministic and imperfect: right on two samples in three, a near miss otherwise; can stop after k calls."""
+
+    def __init__(self, crash_after: int | None = None):
+        self.crash_after, self.calls, self.seen = crash_after, 0, []
+
+    def predict(self, samples):
+        if self.crash_after is not None and self.calls == self.crash_after:
+            raise Interrupted
+        self.calls += 1
+        self.seen += [s.index for s in samples]
+        return [s.answers[0] if int(s.index) % 3 else s.answers[0][:-1] + "#" for s in samples]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_synthetic(tmp_path_factory.mktemp("syn") / "syn.tsv", n=20, seed=3)
+
+
+def without_timing(report):
+    return {k: v for k, v in report.items() if k != "timing"}
+
+
+def run(samples, out, predictor, metric="ocr", **kw):
+    return run_eval(predictor, samples, get_metric(metric), out, batch_size=3, run_info={"model": "student"},
+                    progress=False, **kw)
+
+
+def test_resume_after_interruption_gives_the_same_report(tmp_path, data):
+    samples = read_tsv(data)
+    reference = run(samples, tmp_path / "ref", Student())
+    assert 0 < reference["overall"]["score"] < 100 and reference["overall"]["cer"] > 0
+
+    with pytest.raises(Interrupted):
+        run(samples, tmp_path / "run", Student(crash_after=2))  # 2 batches of 3 saved, then the process "dies"
+    lines = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["index"] for line in lines] == [s.index for s in samples[:6]]
+    with open(tmp_path / "run" / "predictions.jsonl", "a") as f:
+        f.write('{"index": "6", "predic')  # and it died in the middle of writing a line
+
+    second = Student()
+    resumed = run(samples, tmp_path / "run", second)
+    assert second.seen == [s.index for s in samples[6:]]  # nothing redone, nothing lost
+    assert without_timing(resumed) == without_timing(reference)
+    assert resumed["timing"]["resumed"] == 6 and resumed["timing"]["predicted_now"] == 14
+    for name in ("scores.jsonl", "report.md"):
+        ref_text, run_text = ((tmp_path / d / name).read_text() for d in ("ref", "run"))
+        if name == "report.md":  # the last line is timing
+            ref_text, run_text = ref_text.rsplit("generation", 1)[0], run_text.rsplit("generation", 1)[0]
+        assert ref_text == run_text
+
+    third = Student()
+    run(samples, tmp_path / "run", third)  # complete: nothing to predict, the report is rewritten the same
+    assert third.calls == 0
+    assert without_timing(json.loads((tmp_path / "run" / "report.json").read_text())) == without_timing(reference)
+
+
+def test_run_refuses_predictions_of_another_run(tmp_path, data):
+    samples = read_tsv(data)[:4]
+    run(samples, tmp_path, Student())
+    with pytest.raises(EvalError, match="holds predictions of another run .*model: 'student' there, 'other' now"):
+        run_eval(Student(), samples, get_metric("ocr"), tmp_path, run_info={"model": "other"}, progress=False)
+
+
+def test_predictor_contract_is_checked(tmp_path, data):
+    class Short:
+        def predict(self, samples):
+            return ["x"] * (len(samples) - 1)
+    with pytest.raises(EvalError, match="for a batch of 3 samples"):
+        run(read_tsv(data)[:4], tmp_path, Short())
+
+
+def test_limit_then_more(tmp_path, data):
+    first = run_benchmark("stub:oracle", data, "ocrbench", tmp_path, limit=5, progress=False)
+    assert first["n"] == 5 and first["headline"]["value"] == 1000.0
+    more = run_benchmark("stub:oracle", data, "ocrbench", tmp_path, limit=12, progress=False)
+    assert more["n"] == 12 and more["timing"]["resumed"] == 5 and more["timing"]["predicted_now"] == 7
+
+
+def test_predictor_specs():
+    assert load_predictor("stub:oracle").predict([Sample("0", "q", ["a", "b"])]) == ["a"]
+    assert load_predictor("stub:echo").predict([Sample("0", "q?", ["a"])]) == ["q?"]
+    with pytest.raises(EvalError, match="unknown stub"):
+        load_predictor("stub:nope")
+
+
+def test_cli_end_to_end_on_the_synthetic_suite(tmp_path, capsys):
+    data, out = tmp_path / "syn.tsv", tmp_path / "out"
+    assert main(["eval", "make-synthetic", str(data), "--n", "10", "--seed", "5"]) == 0
+    assert main(["eval", "--model", "stub:oracle", "--data", str(data), "--metric", "ocrbench", "--out", str(out),
+                 "--batch-size", "4", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "**OCRBench: 1000.00 / 1000**" in printed and "| box_colour | 2 | 100.00 | 2 | 1000.00 |" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["n"] == 10 and report["overall"]["hits"] == 10 and set(report["categories"]) == {
+        "word", "number", "phrase", "box_text", "box_colour"}
+    assert report["timing"]["predicted_now"] == 10 and (out / "report.md").read_text().startswith("# kimivl eval")
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 10 and all(r["score"] == 1.0 and r["prediction"] == r["answers"][0] for r in scores)
+
+
+def test_cli_multiple_choice_circular_with_echo(tmp_path, capsys):
+    """stub:echo answers with the whole prompt (every letter and option): unparsable, so every answer is a seeded
+    random pick, counted in the report."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    samples = [Sample(str(i), f"question {i}", ["B"], [buf.getvalue()], options={"A": "yes", "B": "no", "C": "maybe"},
+                      category="c") for i in range(4)]
+    data = write_tsv(samples, tmp_path / "mc.tsv")
+    args = ["eval", "--model", "stub:echo", "--data", str(data), "--metric", "mcq", "--circular", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in "ab")
+    assert a["n"] == 12 and a["overall"]["groups"] == 4 and a["overall"]["random_picks"] == 12
+    assert without_timing(a) == without_timing(b)  # the random picks are seeded
+    assert "random_picks" in capsys.readouterr().out
+
+
+def test_cli_errors(tmp_path, data, capsys):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    assert main(["eval", "--model", str(ckpt), "--data", str(data), "--metric", "ocr", "--out", str(tmp_path)]) == 1
+    assert "generation is not available in kimivl yet" in capsys.readouterr().err
+    assert main(["eval", "--model", "stub:oracle", "--data", str(data), "--metric", "vqa",
+                 "--out", str(tmp_path / "v")]) == 1
+    assert "error: sample 0: VQA accuracy needs the human answers" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()  # refused before generating (or writing) anything
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "stub:oracle"])
+    assert "required: --data, --metric, --out" in capsys.readouterr().err

@@ -180,7 +180,10 @@ def _fmt(v) -> str:
 def _check_run(path: Path, info: dict) -> None:
     """Record what the predictions are of; refuse to mix predictions of another model or data set."""
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise EvalError(f"{path} is not valid JSON; delete {path.parent} to start this run afresh") from None
         diff = [f"{k}: {old.get(k)!r} there, {info.get(k)!r} now" for k in IDENTITY if old.get(k) != info.get(k)]
         if diff:
             raise EvalError(f"{path.parent} holds predictions of another run ({'; '.join(diff)}); "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +50,7 @@ class VisionConfig:
         if self.head_dim % 4:
             raise ConfigError(f"vision head_dim = hidden_size / num_attention_heads = {self.head_dim} must be a "
                               "multiple of 4 (2D RoPE gives a quarter of it to each of rows and columns, as pairs)")
-        if len(self.merge_kernel_size) != 2 or min(self.merge_kernel_size) < 1:
+        if len(self.merge_kernel_size) != 2 or not all(_is_int(k) and k >= 1 for k in self.merge_kernel_size):
             raise ConfigError(f"vision_config.merge_kernel_size must be two positive ints, got {self.merge_kernel_size}")
 
 
@@ -120,6 +121,11 @@ class TextConfig:
             raise ConfigError(f"text_config.q_lora_rank must be null or positive, got {self.q_lora_rank}")
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"text_config.qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        _positive_float(self, "rms_norm_eps", "rope_theta", "routed_scaling_factor")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            ids = getattr(self, name)
+            if ids is not None and not all(_is_int(i) for i in (ids if isinstance(ids, list) else [ids])):
+                raise ConfigError(f"text_config.{name} must be a token id, a list of them or null, got {ids!r}")
         if self.hidden_act != "silu":
             raise ConfigError(f"text_config.hidden_act {self.hidden_act!r} is not supported; Kimi-VL uses 'silu'")
         if self.rope_scaling is not None:
@@ -185,13 +191,15 @@ class KimiVLConfig:
     def from_json(cls, path: str | os.PathLike) -> "KimiVLConfig":
         """Read a `config.json` file (or the one inside a checkpoint directory)."""
         path = os.fspath(path)
-        if os.path.isdir(path):
+        if os.path.isdir(path) and not path.endswith("config.json"):
             path = os.path.join(path, "config.json")
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
         except FileNotFoundError:
             raise ConfigError(f"no config file at {path}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         try:
@@ -288,9 +296,20 @@ def _to_dict(obj) -> dict[str, Any]:
     return json.loads(json.dumps(out))  # deep copy, JSON types only
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _positive(obj, *names: str) -> None:
     where = "vision_config" if isinstance(obj, VisionConfig) else "text_config"
     for n in names:
         v = getattr(obj, n)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        if not _is_int(v) or v <= 0:
             raise ConfigError(f"{where}.{n} must be a positive integer, got {v!r}")
+
+
+def _positive_float(obj, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"text_config.{n} must be a positive finite number, got {v!r}")

@@ -14,4 +14,4 @@ class CheckpointError(KimiVLError):
 
 
 class InputError(KimiVLError, ValueError):
-    """Inputs to the model (ids, images, grids) are inconsistent."""
+    """Arguments or inputs (ids, images, grids, dtypes, sizes) are invalid or inconsistent."""

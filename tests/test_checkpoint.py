@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kimivl import CheckpointError, KimiVLForConditionalGeneration
+from kimivl import CheckpointError, InputError, KimiVLForConditionalGeneration
 from kimivl.checkpoint import INDEX_NAME, parse_size, plan_shards, to_official
 from weights_tools.__main__ import main as weights_tools_main
 
@@ -81,9 +82,13 @@ def test_save_load_round_trip_is_bit_identical(tiny_checkpoint, tmp_path, max_sh
 
 def test_load_in_bfloat16_and_save_records_dtype(tiny_checkpoint, tmp_path):
     model = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"), dtype="bfloat16")
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    for name, p in model.named_parameters():  # router correction biases stay float32 (routing is done in float32)
+        assert p.dtype == (torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16), name
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as h:
+        assert h.get_slice("language_model.model.layers.1.mlp.gate.e_score_correction_bias").get_dtype() == "F32"
+        assert h.get_slice("language_model.model.layers.1.mlp.gate.weight").get_dtype() == "BF16"
     assert state_equal(model, KimiVLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16))
 
 
@@ -113,8 +118,66 @@ def test_loading_builds_on_meta_and_never_initialises_weights(tiny_checkpoint, m
 def test_save_size_helpers():
     assert parse_size("5GB") == 5 * 10 ** 9 and parse_size("2MiB") == 2 * 2 ** 20 and parse_size(123) == 123
     assert plan_shards({"a": 4, "b": 4, "c": 9, "d": 1}, 8) == [["a", "b"], ["c"], ["d"]]
-    with pytest.raises(ValueError, match="cannot read a size"):
-        parse_size("lots")
+    for bad in ("lots", 0, "-1GB"):
+        with pytest.raises(InputError, match="cannot read a size"):
+            parse_size(bad)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dtype": "int8"}, "dtype must be a floating-point"), ({"dtype": 3}, "dtype must be a floating-point"),
+    ({"device": "gpu0"}, "not a torch device"),
+])
+def test_bad_load_arguments(tiny_checkpoint, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"), **kwargs)
+
+
+def test_interrupted_save_never_loads_as_a_mix(tiny_checkpoint, tmp_path, monkeypatch):
+    """Overwrite a checkpoint with another model of the same layout and interrupt the save: while the files are
+    being written the old checkpoint stays intact; during publishing the directory loads the new model whole or
+    raises a clear error, never a mixture; no staging files remain."""
+    import kimivl.checkpoint as ckpt_module
+    old = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"))
+    new = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"))
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1.0)
+
+    def interrupted_save(target, module, fn_name, stop_after):
+        old.save_pretrained(target, max_shard_size=300_000)
+        real, calls = getattr(module, fn_name), []
+
+        def flaky(*args, **kwargs):
+            if len(calls) == stop_after:
+                raise KeyboardInterrupt
+            calls.append(args)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, fn_name, flaky)
+        with pytest.raises(KeyboardInterrupt):
+            new.save_pretrained(target, max_shard_size=300_000)
+        monkeypatch.undo()
+        assert not list(target.glob(".kimivl-save-*"))
+
+    for stop_after in range(2):  # while writing shard 1 or 2: the old checkpoint loads unchanged
+        interrupted_save(tmp_path / f"write{stop_after}", ckpt_module, "save_file", stop_after)
+        assert state_equal(KimiVLForConditionalGeneration.from_pretrained(tmp_path / f"write{stop_after}"), old)
+    for stop_after in range(4):  # before moving config.json, shard 1, shard 2, the index: a clear error
+        interrupted_save(tmp_path / f"move{stop_after}", ckpt_module.os, "replace", stop_after)
+        with pytest.raises(CheckpointError, match="neither model.safetensors.index.json nor model.safetensors"):
+            KimiVLForConditionalGeneration.from_pretrained(tmp_path / f"move{stop_after}")
+    new.save_pretrained(tmp_path / "move0", max_shard_size=300_000)  # saving again recovers
+    assert state_equal(KimiVLForConditionalGeneration.from_pretrained(tmp_path / "move0"), new)
+
+
+def test_save_keeps_unrelated_files(tiny_checkpoint, tmp_path):
+    (tmp_path / "model_ema.safetensors").write_bytes(b"not ours")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    model = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"))
+    model.save_pretrained(tmp_path, max_shard_size=300_000)
+    model.save_pretrained(tmp_path)  # sharded -> single: the old shards go, nothing else does
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "model.safetensors", "model_ema.safetensors", "tokenizer_config.json"]
 
 
 # ---- bad input: one clear CheckpointError naming the file and tensor ------------------------------------------
@@ -146,6 +209,22 @@ def test_error_wrong_path(tmp_path):
     assert "no such checkpoint directory" in load_error(tmp_path / "nope")
     (tmp_path / "file").write_text("x")
     assert "is a file" in load_error(tmp_path / "file")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[1, 2]", "must be a JSON object, got list"),
+    (b"\xff\xfe{}", "is not valid JSON"),
+])
+def test_error_malformed_config(ckpt, content, message):
+    (ckpt / "config.json").write_bytes(content)
+    assert message in load_error(ckpt)
+
+
+def test_error_config_is_a_directory(ckpt):
+    (ckpt / "config.json").unlink()
+    (ckpt / "config.json").mkdir()
+    msg = load_error(ckpt)
+    assert "config.json" in msg and "config.json/config.json" not in msg
 
 
 def test_error_missing_or_broken_config(ckpt):
@@ -199,12 +278,37 @@ def test_error_truncated_and_garbage_shards(ckpt):
     assert first.name in load_error(ckpt)
 
 
+def test_error_zero_byte_shard_and_header_past_the_end(ckpt):
+    first = sorted(ckpt.glob("model-*.safetensors"))[0]
+    data = first.read_bytes()
+    first.write_bytes(b"")
+    assert f"{first.name}: not a readable safetensors file" in load_error(ckpt)
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["data_offsets"][1] += 10 ** 9  # claims bytes the file does not have
+    raw = json.dumps(header).encode()
+    first.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + header_len:])
+    assert f"{first.name}: not a readable safetensors file" in load_error(ckpt)
+
+
+@pytest.mark.parametrize("index, message", [
+    ([1, 2], "not a valid safetensors index"),
+    ({"weight_map": ["a"]}, "'weight_map' must map tensor names to file names"),
+    ({"weight_map": {"x": "../outside.safetensors"}}, "plain names inside the checkpoint directory"),
+    ({"weight_map": {"x": "/etc/passwd"}}, "plain names inside the checkpoint directory"),
+])
+def test_error_malformed_index(ckpt, index, message):
+    (ckpt / INDEX_NAME).write_text(json.dumps(index))
+    assert message in load_error(ckpt)
+
+
 def test_error_index_names_missing_file(ckpt):
     index = json.loads((ckpt / INDEX_NAME).read_text())
     key = "language_model.lm_head.weight"
     index["weight_map"][key] = "model-00009-of-00009.safetensors"
     (ckpt / INDEX_NAME).write_text(json.dumps(index))
-    assert "model-00009-of-00009.safetensors: named in model.safetensors.index.json but missing" in load_error(ckpt)
+    assert "model-00009-of-00009.safetensors: missing (named in model.safetensors.index.json)" in load_error(ckpt)
 
 
 def test_error_no_weights(ckpt):

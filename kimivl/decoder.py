@@ -48,8 +48,8 @@ class Gate(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
-        if cfg.topk_method == "noaux_tc":
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size).normal_(std=cfg.initializer_range))
+        if cfg.topk_method == "noaux_tc":  # steers the choice only; loaded and kept in float32 (checkpoint.py)
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
         else:
             self.e_score_correction_bias = None
@@ -58,9 +58,9 @@ class Gate(nn.Module):
 class Experts(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        e, i, h = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
-        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        e, i, h, std = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size, cfg.initializer_range
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h).normal_(std=std))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i).normal_(std=std))
 
 
 class MoE(nn.Module):
@@ -159,6 +159,11 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """-> logits [B, T, vocab] in float32 (as the official model returns them)."""
+        return self.lm_head(self.hidden_states(inputs_embeds, position_ids, attention_mask)).float()
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """inputs_embeds [B, T, H], position_ids [B, T], attention_mask [B, T] (1 = real token) -> hidden [B, T, H]
         after the final norm."""
         cfg = self.config

@@ -84,18 +84,27 @@ class KimiVLForConditionalGeneration(nn.Module):
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> KimiVLOutput:
         """input_ids [B, T]; pixel_values [L, 3, 14, 14]; image_grid_hws [N, 2]; attention_mask [B, T] (1 = real);
         labels [B, T] (-100 = ignored) -> logits [B, T, vocab] in float32 and the next-token loss."""
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise InputError(f"attention_mask shape {list(attention_mask.shape)} != input_ids shape "
-                             f"{list(input_ids.shape)}")
+        self.check_ids(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels)
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
         embeds = self.embed(input_ids, pixel_values, image_grid_hws)
-        hidden = self.language_model(embeds, position_ids, attention_mask)
-        logits = self.language_model.lm_head(hidden).float()
+        logits = self.language_model(embeds, position_ids, attention_mask)
         loss = None if labels is None else next_token_loss(logits, labels, self.config.ignore_index)
         return KimiVLOutput(logits=logits, loss=loss)
+
+    def check_ids(self, input_ids: torch.Tensor, **same_shape: torch.Tensor | None) -> None:
+        """Token ids must be a [batch, seq] integer tensor inside the vocabulary; masks, positions and labels
+        must have its shape."""
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise InputError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} "
+                             f"{list(input_ids.shape)}")
+        vocab = self.config.text_config.vocab_size
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab:
+            raise InputError(f"input_ids hold ids outside the vocabulary 0..{vocab - 1}: "
+                             f"min {int(input_ids.min())}, max {int(input_ids.max())}")
+        for name, t in same_shape.items():
+            if t is not None and t.shape != input_ids.shape:
+                raise InputError(f"{name} shape {list(t.shape)} != input_ids shape {list(input_ids.shape)}")
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     @classmethod

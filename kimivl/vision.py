@@ -26,7 +26,7 @@ class Learnable2DInterpPosEmb(nn.Module):
 
     def __init__(self, height: int, width: int, dim: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(height, width, dim))
+        self.weight = nn.Parameter(torch.empty(height, width, dim).normal_(std=0.02))
 
     def forward(self, grid_hws: list[tuple[int, int]]) -> torch.Tensor:
         table = self.weight.permute(2, 0, 1)[None]  # [1, C, H0, W0]
@@ -67,12 +67,11 @@ class EncoderBlock(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=LN_EPS)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
-                max_seqlen: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         L = x.shape[0]
         q, k, v = self.wqkv(self.norm0(x)).view(L, 3, self.num_heads, -1).unbind(1)  # each [L, heads, head_dim]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False)  # [L, heads, head_dim]
+        attn = varlen_attention(q, k, v, cu_seqlens, causal=False)  # [L, heads, head_dim]
         x = x + self.wo(attn.flatten(1))
         return x + self.mlp(self.norm1(x))
 
@@ -114,9 +113,8 @@ class MoonViT(nn.Module):
         cos, sin = angles.cos(), angles.sin()
         lengths = torch.tensor([h * w for h, w in grid_hws], device=x.device)
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        max_seqlen = max(h * w for h, w in grid_hws)
         for block in self.encoder.blocks:
-            x = block(x, cos, sin, cu_seqlens, max_seqlen)
+            x = block(x, cos, sin, cu_seqlens)
         x = self.encoder.final_layernorm(x)
         return patch_merge(x, grid_hws, tuple(self.config.merge_kernel_size))
 
@@ -128,6 +126,8 @@ def check_grids(pixel_values: torch.Tensor, image_grid_hws: torch.Tensor, cfg: V
         raise InputError(f"pixel_values must have shape [patches, 3, {p}, {p}], got {list(pixel_values.shape)}")
     if image_grid_hws.dim() != 2 or image_grid_hws.shape[1] != 2 or image_grid_hws.shape[0] == 0:
         raise InputError(f"image_grid_hws must have shape [images, 2], got {list(image_grid_hws.shape)}")
+    if image_grid_hws.dtype.is_floating_point or image_grid_hws.dtype == torch.bool:
+        raise InputError(f"image_grid_hws must hold integers (patch counts), got {image_grid_hws.dtype}")
     grids = [(int(h), int(w)) for h, w in image_grid_hws.tolist()]
     kh, kw = cfg.merge_kernel_size
     for i, (h, w) in enumerate(grids):

@@ -26,3 +26,19 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+_REPORTED: list[tuple[str, str]] = []
+
+
+@pytest.fixture
+def report(request):
+    """report(what, value): a measured figure, printed in the summary at the end of the run."""
+    return lambda what, value: _REPORTED.append((f"{request.node.name}: {what}", str(value)))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORTED:
+        terminalreporter.section("measured")
+        for what, value in _REPORTED:
+            terminalreporter.write_line(f"{what}: {value}")

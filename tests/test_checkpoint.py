@@ -46,6 +46,13 @@ def test_make_tiny_writes_a_sharded_official_checkpoint(tmp_path):
     assert not any("gate_up_proj" in k or k.endswith("experts.down_proj") for k in on_disk)
 
 
+def test_make_tiny_bad_arguments(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert weights_tools_main(["make-tiny", str(tmp_path / "file")]) == 1
+    assert weights_tools_main(["make-tiny", str(tmp_path / "d"), "--shards", "0"]) == 1
+    assert not (tmp_path / "d").exists()
+
+
 def test_expert_names_map_to_stacked_slices(tiny_checkpoint):
     model = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"))
     official = to_official(model.state_dict())

@@ -100,6 +100,13 @@ def test_tiny_keeps_every_structural_feature():
     (("vision_config", "num_attention_heads"), 64, "head_dim .* = 18 must be a multiple of 4"),
     (("media_placeholder_token_id",), 200000, "outside the vocabulary"),
     (("text_config",), [], "text_config must be a JSON object"),
+    (("text_config", "rms_norm_eps"), -1.0, "rms_norm_eps must be a positive finite number"),
+    (("text_config", "rope_theta"), 0, "rope_theta must be a positive finite number"),
+    (("text_config", "routed_scaling_factor"), float("nan"), "routed_scaling_factor must be a positive finite"),
+    (("text_config", "eos_token_id"), "x", "eos_token_id must be a token id, a list of them or null"),
+    (("text_config", "eos_token_id"), [1, "2"], "eos_token_id must be a token id"),
+    (("vision_config", "merge_kernel_size"), ["a", 2], "merge_kernel_size must be two positive ints"),
+    (("vision_config", "merge_kernel_size"), [True, 2], "merge_kernel_size must be two positive ints"),
 ])
 def test_validation_messages(path, value, message):
     d = official_config()

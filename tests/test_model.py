@@ -18,19 +18,20 @@ def model(tiny_checkpoint):
 
 
 def test_image_features_land_on_placeholders_in_order(model):
-    grids = [(4, 6), (2, 4)]
+    grids = [(4, 6), (2, 4), (2, 2)]  # row 0 holds images 0 and 1, row 1 holds image 2
     pixel_values, grid_hws = image_batch(grids)
-    ids = prompt_with_images(model.config, grids)
+    rows = [prompt_with_images(model.config, grids[:2], seed=1), prompt_with_images(model.config, grids[2:], seed=2)]
+    T = max(r.shape[1] for r in rows)
+    ids = torch.cat([torch.cat([r, torch.zeros(1, T - r.shape[1], dtype=r.dtype)], 1) for r in rows])
     with torch.no_grad():
-        embeds = model.embed(ids, pixel_values, grid_hws)[0]
+        embeds = model.embed(ids, pixel_values, grid_hws)
         feats = model.image_features(pixel_values, grid_hws)
-        text = model.language_model.model.embed_tokens(ids)[0]
-    slots = (ids[0] == model.config.media_placeholder_token_id).nonzero()[:, 0]
-    assert len(slots) == feats.shape[0] == 6 + 2
-    assert torch.equal(embeds[slots], feats)  # in order: image 0's tokens first, row-major
-    others = torch.ones(ids.shape[1], dtype=torch.bool)
-    others[slots] = False
-    assert torch.equal(embeds[others], text[others])
+        text = model.language_model.model.embed_tokens(ids)
+    is_media = ids == model.config.media_placeholder_token_id
+    assert is_media.sum() == feats.shape[0] == 6 + 2 + 1
+    assert torch.equal(embeds[0][is_media[0]], feats[:8])  # batch-major, then sequence order, images in order
+    assert torch.equal(embeds[1][is_media[1]], feats[8:])
+    assert torch.equal(embeds[~is_media], text[~is_media])
 
 
 def test_placeholder_count_mismatch_is_a_clear_error(model):
@@ -40,6 +41,26 @@ def test_placeholder_count_mismatch_is_a_clear_error(model):
         model(ids, pixel_values=pixel_values, image_grid_hws=grid_hws)
     with pytest.raises(InputError, match="no pixel_values"):
         model(ids)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"input_ids": torch.tensor([[1, 2000]])}, "outside the vocabulary 0..1279"),
+    ({"input_ids": torch.tensor([[1.0, 2.0]])}, "must be an integer tensor"),
+    ({"labels": torch.tensor([[1, 2, 3]])}, "labels shape \\[1, 3\\] != input_ids shape \\[1, 2\\]"),
+    ({"position_ids": torch.tensor([0, 1])}, "position_ids shape"),
+    ({"attention_mask": torch.ones(2, 2)}, "attention_mask shape"),
+])
+def test_bad_model_inputs(model, kwargs, message):
+    kwargs = {"input_ids": torch.tensor([[1, 2]]), **kwargs}
+    with pytest.raises(InputError, match=message):
+        model(**kwargs)
+
+
+def test_float_grid_is_rejected(model):
+    pixel_values, _ = image_batch([(4, 4)])
+    ids = prompt_with_images(model.config, [(4, 4)])
+    with pytest.raises(InputError, match="must hold integers"):
+        model(ids, pixel_values=pixel_values, image_grid_hws=torch.tensor([[4.0, 4.0]]))
 
 
 def test_loss_is_next_token_cross_entropy_ignoring_minus_100(model):
@@ -60,51 +81,62 @@ def test_loss_is_next_token_cross_entropy_ignoring_minus_100(model):
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch_matches_single_rows(model, side):
-    lengths = [9, 14, 5]
-    T = max(lengths)
-    rows = [torch.randint(0, 1000, (n,)) for n in lengths]
+    grids = [[(2, 4)], [], [(4, 4), (2, 2)]]  # rows with one, no and two images
+    rows = [prompt_with_images(model.config, g, seed=i)[0] for i, g in enumerate(grids)]
+    images = [image_batch(g, seed=i) if g else (None, None) for i, g in enumerate(grids)]
+    T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), model.config.text_config.pad_token_id)
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     for i, r in enumerate(rows):
         span = slice(0, len(r)) if side == "right" else slice(T - len(r), T)
         ids[i, span], mask[i, span] = r, 1
+    pixel_values = torch.cat([pv for pv, _ in images if pv is not None])
+    grid_hws = torch.cat([g for _, g in images if g is not None])
     with torch.no_grad():
-        batched = model(ids, attention_mask=mask).logits
+        batched = model(ids, pixel_values=pixel_values, image_grid_hws=grid_hws, attention_mask=mask).logits
         for i, r in enumerate(rows):
-            alone = model(r[None]).logits[0]
+            pv, g = images[i]
+            alone = model(r[None], pixel_values=pv, image_grid_hws=g).logits[0]
             got = batched[i, :len(r)] if side == "right" else batched[i, T - len(r):]
             assert rel_err(got, alone) <= 1e-5, f"row {i}"
             assert torch.isfinite(batched[i]).all()
 
 
 def test_bfloat16_forward_stays_close_to_float32(tiny_checkpoint, monkeypatch):
+    """bfloat16 rounds every product to 8 mantissa bits, and a router near-tie can then pick another expert, which
+    moves that token (and, through attention, later ones) by far more than rounding. So: (1) with the float32
+    run's expert choices replayed, every token's logits stay within 3% of their range (worst seen over 30 inputs:
+    2.3%); (2) running freely, >= 90% of (token, layer) routing choices and >= 85% of argmax tokens agree
+    (worst seen: 93% and 92%)."""
     grids = [(4, 6)]
     pixel_values, grid_hws = image_batch(grids)
     ids = prompt_with_images(KimiVLConfig.preset("tiny"), grids, text_len=16)
-    routes = []  # expert ids of every MoE layer, in call order: float32 run first, then bfloat16
+    f32_model = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"))
+    bf16_model = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"), dtype=torch.bfloat16)
+    assert bf16_model.dtype == torch.bfloat16
 
-    def recording_route(*args):
-        out = route(*args)
-        routes.append(out[0].sort(-1).values)
-        return out
+    def run(model, router):
+        monkeypatch.setattr(decoder, "route", router)
+        with torch.no_grad():
+            return model(ids, pixel_values=pixel_values, image_grid_hws=grid_hws).logits[0]
 
-    monkeypatch.setattr(decoder, "route", recording_route)
-    with torch.no_grad():
-        f32 = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"))(
-            ids, pixel_values=pixel_values, image_grid_hws=grid_hws).logits[0]
-        bf16_model = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"), dtype=torch.bfloat16)
-        assert bf16_model.dtype == torch.bfloat16
-        bf16 = bf16_model(ids, pixel_values=pixel_values, image_grid_hws=grid_hws).logits[0]
-    assert bf16.dtype == torch.float32  # logits are upcast, as in the official model
-    n = len(routes) // 2
-    flipped = torch.stack([(routes[i] != routes[n + i]).any(-1) for i in range(n)]).any(0)  # [T]
-    # bfloat16 rounds every product to 8 mantissa bits; on tokens whose experts are the same in both runs the
-    # logits stay within 3% of their range. A near-tie in the router may pick another expert in bfloat16 (rare),
-    # which moves that token's logits by more: those tokens are excluded, and must stay rare.
-    per_token = (bf16 - f32).abs().amax(-1) / f32.abs().amax(-1)
-    assert flipped.float().mean() <= 0.1
-    assert per_token[~flipped].max() <= 0.03
-    assert (bf16.argmax(-1) == f32.argmax(-1)).float().mean() >= 0.9
+    def recording(log):
+        def router(*args):
+            log.append(route(*args))
+            return log[-1]
+        return router
+
+    f32_routes, free_routes = [], []
+    f32 = run(f32_model, recording(f32_routes))
+    replay = iter(list(f32_routes))
+    replayed = run(bf16_model, lambda *args: next(replay))
+    free = run(bf16_model, recording(free_routes))
+    assert replayed.dtype == torch.float32  # logits are upcast, as in the official model
+    per_token = (replayed - f32).abs().amax(-1) / f32.abs().amax(-1)
+    assert per_token.max() <= 0.03
+    same = torch.cat([(a[0].sort(-1).values == b[0].sort(-1).values).all(-1) for a, b in zip(f32_routes, free_routes)])
+    assert same.float().mean() >= 0.9
+    assert (free.argmax(-1) == f32.argmax(-1)).float().mean() >= 0.85
 
 
 @pytest.mark.parametrize("preset", ["tiny-qlora", "tiny-grouped", "tiny-softmax"])
@@ -157,10 +189,11 @@ def a3b_spec_tensors() -> dict[str, tuple[int, ...]]:
     return t
 
 
-def test_a3b_names_shapes_and_parameter_counts():
+def test_a3b_names_shapes_and_parameter_counts(report):
     config = KimiVLConfig.preset("a3b")
     assert expected_tensors(config) == a3b_spec_tensors()
     counts = parameter_counts(config)
+    report("a3b parameters", ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     assert counts["vision"] == 416_866_032
     assert counts["projector"] == 30_679_808
     assert counts["decoder"] == 15_960_110_208

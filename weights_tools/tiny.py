@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kimivl import KimiVLConfig, KimiVLForConditionalGeneration
+from kimivl import InputError, KimiVLConfig, KimiVLForConditionalGeneration
 from kimivl.model import init_weights
 
 # The published Kimi-VL-A3B-Instruct preprocessor settings (spec 6); image_mean/std are read from the checkpoint.
@@ -32,6 +32,10 @@ def make_tiny(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, shard
     Every parameter is random (norm weights near 1, biases and correction biases non-zero) so that tests see a
     wrong layout or a dropped term. Returns the model (float32).
     """
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"{out} exists and is not a directory")
+    if shards < 1:
+        raise InputError(f"shards must be >= 1, got {shards}")
     config = KimiVLConfig.preset(preset)
     model = KimiVLForConditionalGeneration(config)
     init_weights(model, seed=seed)

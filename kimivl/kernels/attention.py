@@ -7,11 +7,11 @@ import torch.nn.functional as F
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, causal: bool = False) -> torch.Tensor:
+                     causal: bool = False) -> torch.Tensor:
     """Attention within each packed sequence: q, k, v [L, heads, D]; sequence i is rows cu[i]:cu[i+1].
 
     Reference path: one SDPA call per sequence (on CPU this beat one call with a block-diagonal mask by 2x and
-    needs no L x L memory). `max_seqlen` is unused here; varlen kernels take it.
+    needs no L x L memory).
     """
     bounds = cu_seqlens.tolist()
     outs = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),

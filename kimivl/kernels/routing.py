@@ -23,7 +23,8 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg:
     n_group = cfg.n_group
     if cfg.topk_method != "greedy" and n_group > 1:
         grouped = choice.unflatten(-1, (n_group, -1))  # [T, groups, E/groups]
-        group_scores = grouped.topk(2, dim=-1).values.sum(-1) if bias is not None else grouped.amax(-1)
+        group_scores = (grouped.topk(2, dim=-1).values.sum(-1) if cfg.topk_method == "noaux_tc"
+                        else grouped.amax(-1))  # [T, groups]
         keep = group_scores.topk(cfg.topk_group, dim=-1, sorted=False).indices  # [T, topk_group]
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
         choice = choice.masked_fill(~group_mask.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))

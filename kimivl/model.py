@@ -134,16 +134,12 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
 
 @torch.no_grad()
 def init_weights(model: KimiVLForConditionalGeneration, seed: int | None = None) -> None:
-    """Random initialisation for new models: N(0, initializer_range) matrices and tables, zero biases, unit norms.
-
-    Correction biases get small random values so that they visibly steer routing in tests.
-    """
+    """Random initialisation for new models: N(0, initializer_range) matrices and tables; zero biases (router
+    correction biases included), unit norm weights."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     std = model.config.text_config.initializer_range
     for name, p in model.named_parameters():
-        if name.endswith("e_score_correction_bias"):
-            values = torch.randn(p.shape, generator=gen) * 0.1
-        elif p.dim() >= 2:
+        if p.dim() >= 2:
             values = torch.randn(p.shape, generator=gen) * std
         elif "norm" in name.rsplit(".", 2)[-2] and name.endswith("weight"):
             values = torch.ones(p.shape)

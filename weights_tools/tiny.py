@@ -29,8 +29,8 @@ def make_tiny(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, shard
               ) -> KimiVLForConditionalGeneration:
     """Write a random `preset` model to `out` as an official checkpoint split into about `shards` files.
 
-    Every parameter is random (norm weights near 1, biases and correction biases non-zero) so that tests see a
-    wrong layout or a dropped term. Returns the model (float32).
+    Every parameter is random (norm weights near 1, biases and router correction biases non-zero) so that tests
+    see a wrong layout or a dropped term. Returns the model (float32).
     """
     if Path(out).exists() and not Path(out).is_dir():
         raise InputError(f"{out} exists and is not a directory")
@@ -41,8 +41,8 @@ def make_tiny(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, shard
     init_weights(model, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and not name.endswith("e_score_correction_bias"):
+        for p in model.parameters():
+            if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     model.save_pretrained(out, max_shard_size=total // shards + 1)

@@ -128,7 +128,7 @@ def test_packing_is_invariant(model):
 
 
 def test_patch_merge_order():
-    h, w, C = 4, 6, 1
+    h, w = 4, 6
     x = torch.arange(h * w, dtype=torch.float32)[:, None]  # patch (r, c) holds r*w + c
     merged = patch_merge(x, [(h, w)], (2, 2))[0][..., 0]
     assert merged[0].tolist() == [0, 1, 6, 7]          # (R, C) = (0, 0): (0,0) (0,1) (1,0) (1,1)

@@ -3,22 +3,27 @@
 The model holds each MoE layer's routed experts stacked (`mlp.experts.gate_up_proj` [E, 2I, H],
 `mlp.experts.down_proj` [E, H, I]); the files hold them per expert (`mlp.experts.{e}.gate_proj.weight` ...). Every
 other name is the same on both sides. Only safetensors and JSON are read: nothing is ever unpickled.
+
+Safetensors files are read and written here directly (an 8-byte little-endian header length, a JSON header of
+dtype / shape / data offsets, then the raw bytes), so that headers can be checked without touching the data and
+tensors can be streamed chunk by chunk: the checkpoint tools rewrite a 32 GB checkpoint in bounded memory.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import KimiVLConfig
 from .errors import CheckpointError, InputError, KimiVLError
@@ -54,51 +59,218 @@ def expected_tensors(config: KimiVLConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         from .model import KimiVLForConditionalGeneration
         model = KimiVLForConditionalGeneration(config)
-    return {k: tuple(v.shape) for k, v in to_official(model.state_dict()).items()}
+    return {off: _indexed_shape(tuple(t.shape), idx) for name, t in model.state_dict().items()
+            for off, idx in official_parts(name, t.shape)}
 
 
-# ---- loading ----------------------------------------------------------------------------------------------------
+def _indexed_shape(shape: tuple[int, ...], idx: Index) -> tuple[int, ...]:
+    """The shape of `tensor[idx]` (worked out, since indexing thousands of meta tensors takes seconds)."""
+    kept = [len(range(n)[i]) for n, i in zip(shape, idx) if isinstance(i, slice)]
+    return (*kept, *shape[len(idx):])
+
+
+# ---- safetensors files: headers, and data in bounded memory -----------------------------------------------------
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+CHUNK_BYTES = 64 * 2 ** 20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors file as its header describes it: where its bytes are, not the bytes."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """The tensors of a safetensors file, from its header alone, checked against each other and the file size.
+
+    Raises CheckpointError naming the file (and the tensor, when one entry is at fault) if it is not a valid file.
+    """
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{file.name}: not a readable safetensors file (truncated or corrupt?): {why}")
+
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        if size < 8:
+            raise bad(f"the file has {size} bytes, fewer than the 8 of the header length")
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise bad(f"the header length field says {n} bytes, but the file has {size}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start, tensors = 8 + n, {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+            valid = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*shape, begin, end))
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise bad(f"tensor {name}: malformed header entry {entry!r}")
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise bad(f"tensor {name}: data_offsets span {end - begin} bytes, but {entry['dtype']} "
+                      f"{list(shape)} needs {math.prod(shape) * dtype.itemsize}")
+        tensors[name] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
+    pos = data_start
+    for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.start != pos:
+            raise bad(f"tensor {name}: data starts at byte {info.start - data_start} of the data, expected "
+                      f"{pos - data_start} (overlapping or gapped data_offsets)")
+        if info.end > size:
+            raise bad(f"tensor {name}: data ends {info.end - size} bytes past the end of the file")
+        pos = info.end
+    if pos != size:
+        raise bad(f"{size - pos} bytes after the last tensor's data")
+    return tensors
+
+
+def read_chunks(file: Path, info: TensorInfo, chunk_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+    """A tensor's elements in order, as 1-D tensors of at most chunk_bytes each: memory holds one chunk."""
+    step = max(1, chunk_bytes // info.dtype.itemsize) * info.dtype.itemsize
+    with open(file, "rb") as f:
+        f.seek(info.start)
+        for pos in range(info.start, info.end, step):
+            buf = torch.empty(min(step, info.end - pos), dtype=torch.uint8)
+            _read_into(f, buf, file)
+            yield buf.view(info.dtype)
+
+
+def read_tensor(file: Path, info: TensorInfo) -> torch.Tensor:
+    """One whole tensor, read with plain file reads (no memory map stays behind)."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    with open(file, "rb") as f:
+        f.seek(info.start)
+        _read_into(f, buf, file)
+    return buf.view(info.dtype).reshape(info.shape)
+
+
+def _read_into(f, buf: torch.Tensor, file: Path) -> None:
+    view, done = memoryview(buf.numpy()), 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise CheckpointError(f"{file.name}: ended while reading tensor data (was it changed or truncated "
+                                  "while being read?)")
+        done += got
+
+
+class TensorSource(NamedTuple):
+    """A tensor to write, given as its dtype, shape and its elements in order as chunks of any shape."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: Iterable[torch.Tensor]
+
+
+def write_safetensors(file: Path, tensors: dict[str, torch.Tensor | TensorSource],
+                      metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file tensor by tensor, in the given order; returns its size in bytes.
+
+    The header is built from dtypes and shapes first, then each tensor's data is written as it arrives, so memory
+    holds one chunk (a TensorSource) or nothing beyond the tensors passed in: no copy of the whole file is made.
+    """
+    sources = {k: TensorSource(v.dtype, tuple(v.shape), [v]) if isinstance(v, torch.Tensor) else v
+               for k, v in tensors.items()}
+    header, pos = {"__metadata__": metadata or {"format": "pt"}}, 0
+    for name, src in sources.items():
+        n = math.prod(src.shape) * src.dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[src.dtype], "shape": list(src.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, src in sources.items():
+            written = 0
+            for chunk in src.chunks:
+                if chunk.dtype != src.dtype:
+                    raise InputError(f"{file.name}: {name} is declared {src.dtype} but a chunk is {chunk.dtype}")
+                data = chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(data)
+                written += data.nbytes
+            if written != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
+                raise InputError(f"{file.name}: {name} got {written} bytes of data for {src.dtype} {list(src.shape)}")
+    return 8 + len(raw) + pos
+
+
+# ---- reading a checkpoint directory -----------------------------------------------------------------------------
 KEEP_FLOAT32 = (".e_score_correction_bias",)  # router biases stay float32 whatever the model dtype, as in DeepSeek-V3
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"):
-    """Read config.json and the safetensors weights of a checkpoint directory into a new model.
+@dataclass
+class Layout:
+    """A checkpoint directory as its config and shard headers describe it (no tensor data is read)."""
 
-    The model is built on the meta device and materialised straight from the files. Every problem (unreadable or
-    missing files, missing, unexpected, misshapen or duplicated tensors) is collected and raised as one
-    CheckpointError. dtype (a torch.dtype or its name) None means float32 on CPU (where bfloat16 matmuls are very
-    slow) and the config's torch_dtype elsewhere; router correction biases are always kept in float32.
+    path: Path
+    config: KimiVLConfig
+    index: dict[str, str] | None  # the index's weight_map, or None for a single model.safetensors
+    headers: dict[str, dict[str, TensorInfo]]  # each readable weight file -> its tensors
+    where: dict[str, str]  # each tensor found -> the file holding it
+    expected: dict[str, tuple[int, ...]]  # the tensors the config implies, in module order
+    problems: list[str]
+
+    def file(self, name: str) -> Path:
+        return self.path / self.where[name]
+
+    def info(self, name: str) -> TensorInfo:
+        return self.headers[self.where[name]][name]
+
+    def raise_problems(self, what: str) -> None:
+        """Raise one CheckpointError listing every problem, if there are any."""
+        if self.problems:
+            raise CheckpointError(f"checkpoint {self.path} {what} ({len(self.problems)} problems):\n  "
+                                  + "\n  ".join(self.problems))
+
+
+def read_layout(path: str | os.PathLike, check_dtypes: bool = False) -> Layout:
+    """Read config.json and every weight file's header, and list each way they disagree with the config.
+
+    Problems collected: weight files missing, unreadable or corrupt; tensors missing, unexpected, misshapen, stored
+    twice, or placed elsewhere than the index says; non-float dtypes. With check_dtypes, also every tensor whose
+    dtype differs from the config's torch_dtype (router correction biases may be float32). The config itself must
+    be readable (CheckpointError otherwise): it is what the files are checked against.
     """
-    from .model import KimiVLForConditionalGeneration
-
-    path, device = Path(path), _device(device)
+    path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory" if not path.exists() else
-                              f"{path} is a file; from_pretrained takes the checkpoint directory")
+                              f"{path} is a file; a checkpoint is a directory (config.json and safetensors files)")
     try:
         config = KimiVLConfig.from_json(path / "config.json")
     except KimiVLError as e:
         raise CheckpointError(str(e)) from None
-    dtype = _dtype(dtype) if dtype is not None else (
-        torch.float32 if device.type == "cpu" else _dtype(config.torch_dtype or "bfloat16"))
-
-    with torch.device("meta"):
-        model = KimiVLForConditionalGeneration(config)
-    params = dict(model.state_dict())
-    expected = {off: (name, idx) for name, t in params.items() for off, idx in official_parts(name, t.shape)}
     index, files = find_shards(path)
-    handles, problems = open_shards(path, files)
-    where, tensor_problems = locate_tensors(handles, expected, params, index)
-    problems += tensor_problems
-    if problems:
-        raise CheckpointError(f"checkpoint {path} cannot be loaded ({len(problems)} problems):\n  "
-                              + "\n  ".join(problems))
-    state = {name: torch.empty(t.shape, dtype=torch.float32 if name.endswith(KEEP_FLOAT32) else dtype, device=device)
-             for name, t in params.items()}
-    for off, (name, idx) in expected.items():
-        state[name][idx].copy_(handles[where[off]].get_tensor(off))
-    model.load_state_dict(state, assign=True, strict=True)
-    return model.eval()
+    headers, problems = read_headers(path, files, index)
+    dtype = None
+    if check_dtypes and config.torch_dtype is not None:
+        try:
+            dtype = _dtype(config.torch_dtype)
+        except InputError:
+            problems.append(f"config.json: torch_dtype {config.torch_dtype!r} is not a floating-point dtype")
+    expected = expected_tensors(config)
+    where, tensor_problems = locate_tensors(headers, expected, index, dtype)
+    return Layout(path, config, index, headers, where, expected, problems + tensor_problems)
 
 
 def find_shards(path: Path) -> tuple[dict[str, str] | None, list[str]]:
@@ -131,32 +303,42 @@ def read_index(index_file: Path) -> dict[str, str]:
     return weight_map
 
 
-def open_shards(path: Path, files: list[str]) -> tuple[dict[str, object], list[str]]:
-    """safetensors handles for the files that open, and a problem line for each that does not."""
-    handles, problems = {}, []
+def read_headers(path: Path, files: list[str], index: dict[str, str] | None
+                 ) -> tuple[dict[str, dict[str, TensorInfo]], list[str]]:
+    """The headers of the files that read, and a problem line for each that does not (naming the tensors the index
+    places in it)."""
+    headers, problems = {}, []
     for f in files:
         file = path / f
         if not file.is_file():
-            problems.append(f"{f}: missing" + (f" (named in {INDEX_NAME})" if f != SINGLE_NAME else ""))
+            problem = f"{f}: missing" + (f" (named in {INDEX_NAME})" if index is not None else "")
         elif not os.access(file, os.R_OK):
-            problems.append(f"{f}: permission denied")
+            problem = f"{f}: permission denied"
         else:
             try:
-                handles[f] = safe_open(file, framework="pt")
-            except (SafetensorError, OSError, ValueError) as e:
-                problems.append(f"{f}: not a readable safetensors file (truncated or corrupt?): {e}")
-    return handles, problems
+                headers[f] = read_header(file)
+                continue
+            except CheckpointError as e:
+                problem = str(e)
+            except OSError as e:
+                problem = f"{f}: cannot read it ({e.strerror or e})"
+        held = [k for k, v in (index or {}).items() if v == f]
+        if held:
+            problem += f"; it should hold {len(held)} tensors: " + ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        problems.append(problem)
+    return headers, problems
 
 
-def locate_tensors(handles: dict, expected: dict[str, tuple[str, Index]], params: dict[str, torch.Tensor],
-                   index: dict[str, str] | None) -> tuple[dict[str, str], list[str]]:
-    """Map each official tensor to the file holding it, and list every mismatch with the expected layout.
+def locate_tensors(headers: dict[str, dict[str, TensorInfo]], expected: dict[str, tuple[int, ...]],
+                   index: dict[str, str] | None, dtype: torch.dtype | None = None) -> tuple[dict[str, str], list[str]]:
+    """Map each tensor to the file holding it, and list every mismatch with the expected layout (and, given dtype,
+    every tensor of another dtype).
 
-    Tensors the index places in a file that could not be opened are not reported again as missing.
+    Tensors the index places in a file that could not be read are not reported again as missing.
     """
     where, problems = {}, []
-    for f, h in handles.items():
-        for key in h.keys():
+    for f, tensors in headers.items():
+        for key, info in tensors.items():
             if key in where:
                 problems.append(f"{key}: stored twice, in {where[key]} and {f}")
                 continue
@@ -164,24 +346,52 @@ def locate_tensors(handles: dict, expected: dict[str, tuple[str, Index]], params
             if key not in expected:
                 problems.append(f"{key} in {f}: unexpected tensor (not part of this config's model)")
                 continue
-            name, idx = expected[key]
-            want = tuple(params[name][idx].shape)
-            info = h.get_slice(key)
-            got = tuple(info.get_shape())
-            if got != want:
-                problems.append(f"{key} in {f}: shape {list(got)}, expected {list(want)}")
-            if info.get_dtype() not in _FLOAT_DTYPES:
-                problems.append(f"{key} in {f}: dtype {info.get_dtype()}, expected a floating-point type")
-    index = index or {}
-    for key, f in index.items():
-        if f not in handles:
-            continue
-        if key not in where:
-            problems.append(f"{key}: missing ({INDEX_NAME} says {f}, which does not hold it)")
-        elif where[key] != f:
-            problems.append(f"{key}: {INDEX_NAME} says {f} but it is stored in {where[key]}")
-    problems += [f"{key}: missing" for key in expected if key not in where and key not in index]
+            if info.shape != expected[key]:
+                problems.append(f"{key} in {f}: shape {list(info.shape)}, expected {list(expected[key])}")
+            if not info.dtype.is_floating_point:
+                problems.append(f"{key} in {f}: dtype {DTYPE_NAMES[info.dtype]}, expected a floating-point type")
+            elif dtype is not None and info.dtype != dtype and not (key.endswith(KEEP_FLOAT32)
+                                                                    and info.dtype == torch.float32):
+                problems.append(f"{key} in {f}: dtype {DTYPE_NAMES[info.dtype]}, expected {DTYPE_NAMES[dtype]} "
+                                "(config.json torch_dtype)")
+    if index is not None:
+        for key, f in index.items():
+            if f not in headers:
+                continue
+            if key not in where:
+                problems.append(f"{key}: missing ({INDEX_NAME} says {f}, which does not hold it)")
+            elif where[key] != f:
+                problems.append(f"{key}: {INDEX_NAME} says {f} but it is stored in {where[key]}")
+        problems += [f"{key} in {f}: not listed in {INDEX_NAME}" for key, f in where.items() if key not in index]
+    problems += [f"{key}: missing" for key in expected if key not in where and key not in (index or {})]
     return where, problems
+
+
+# ---- loading ----------------------------------------------------------------------------------------------------
+def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"):
+    """Read config.json and the safetensors weights of a checkpoint directory into a new model.
+
+    The model is built on the meta device and materialised straight from the files. Every problem (unreadable or
+    missing files, missing, unexpected, misshapen or duplicated tensors) is collected and raised as one
+    CheckpointError. dtype (a torch.dtype or its name) None means float32 on CPU (where bfloat16 matmuls are very
+    slow) and the config's torch_dtype elsewhere; router correction biases are always kept in float32.
+    """
+    from .model import KimiVLForConditionalGeneration
+
+    layout = read_layout(path)
+    device = _device(device)
+    dtype = _dtype(dtype) if dtype is not None else (
+        torch.float32 if device.type == "cpu" else _dtype(layout.config.torch_dtype or "bfloat16"))
+    layout.raise_problems("cannot be loaded")
+    with torch.device("meta"):
+        model = KimiVLForConditionalGeneration(layout.config)
+    state = {name: torch.empty(t.shape, dtype=torch.float32 if name.endswith(KEEP_FLOAT32) else dtype, device=device)
+             for name, t in model.state_dict().items()}
+    for name, t in state.items():
+        for off, idx in official_parts(name, t.shape):
+            t[idx].copy_(read_tensor(layout.file(off), layout.info(off)))
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
 
 
 # ---- saving -----------------------------------------------------------------------------------------------------
@@ -199,19 +409,15 @@ def save(model, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> N
     tensors = to_official(model.state_dict())
     sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
     shards = plan_shards(sizes, parse_size(max_shard_size))
-    names = [SINGLE_NAME] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = shard_names(len(shards))
     entry = SINGLE_NAME if len(shards) == 1 else INDEX_NAME
     previous = _weight_files(path)
     stage = Path(tempfile.mkdtemp(prefix=".kimivl-save-", dir=path))
     try:
-        for name, keys in zip(names, shards):  # one shard in memory at a time (the clones unshare expert slices)
-            save_file({k: tensors[k].detach().to("cpu").clone() for k in keys}, stage / name,
-                      metadata={"format": "pt"})
+        for name, keys in zip(names, shards):  # tensor by tensor: no copy of a shard is made
+            write_safetensors(stage / name, {k: tensors[k] for k in keys})
         if entry == INDEX_NAME:
-            index = {"metadata": {"total_size": sum(sizes.values())},
-                     "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
-            (stage / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            write_index(stage, {k: n for n, keys in zip(names, shards) for k in keys}, sum(sizes.values()))
         config = copy.deepcopy(model.config)
         config.torch_dtype = config.vision_config.torch_dtype = config.text_config.torch_dtype = \
             str(model.dtype).removeprefix("torch.")
@@ -226,6 +432,17 @@ def save(model, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> N
             (path / stale).unlink(missing_ok=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def shard_names(n: int) -> list[str]:
+    """The weight file names of an n-shard checkpoint: model.safetensors alone, or model-0000i-of-0000n."""
+    return [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """Write model.safetensors.index.json (total_size: the tensors' bytes, as transformers writes it)."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def _weight_files(path: Path) -> set[str]:
@@ -256,13 +473,14 @@ def parse_size(size: int | str) -> int:
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", str(size), flags=re.IGNORECASE)
-    if not m or float(m.group(1)) <= 0:
+    try:
+        value = float(m.group(1)) if m else 0.0
+    except ValueError:
+        value = 0.0
+    if value <= 0:
         raise InputError(f"cannot read a size from {size!r}; use bytes or e.g. '2GB', '500MB', '1GiB'")
     base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
-
-
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+    return int(value * base ** "_KMGT".index(m.group(2).upper() or "_"))
 
 
 def _dtype(value: torch.dtype | str) -> torch.dtype:

@@ -166,7 +166,7 @@ def test_interrupted_save_never_loads_as_a_mix(tiny_checkpoint, tmp_path, monkey
         assert not list(target.glob(".kimivl-save-*"))
 
     for stop_after in range(2):  # while writing shard 1 or 2: the old checkpoint loads unchanged
-        interrupted_save(tmp_path / f"write{stop_after}", ckpt_module, "save_file", stop_after)
+        interrupted_save(tmp_path / f"write{stop_after}", ckpt_module, "write_safetensors", stop_after)
         assert state_equal(KimiVLForConditionalGeneration.from_pretrained(tmp_path / f"write{stop_after}"), old)
     for stop_after in range(4):  # before moving config.json, shard 1, shard 2, the index: a clear error
         interrupted_save(tmp_path / f"move{stop_after}", ckpt_module.os, "replace", stop_after)

@@ -1,12 +1,14 @@
-"""The `kimivl` command. Subcommands: `eval` (and `eval make-synthetic`); generate, chat and train come later."""
+"""The `kimivl` command: `generate` (one answer, streamed), `chat` (interactive) and `eval` (benchmarks)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import time
+from pathlib import Path
 
-from .errors import KimiVLError
+from .errors import InputError, KimiVLError
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -59,20 +61,147 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     print(f"report: {args.out}/report.json, {args.out}/report.md; per-sample scores: {args.out}/scores.jsonl")
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer files)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="at most this many new tokens (default 512)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.2 Instruct, "
+                   "0.6-0.8 Thinking")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--system", help="system prompt (default: the chat format's 'You are a helpful assistant')")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="answer one prompt about zero or more images, streaming the answer",
+                       description="Answer --prompt about the --image files with the checkpoint in --model. The "
+                                   "answer streams to stdout; prefill and decode speed go to stderr.")
+    _add_model_args(p)
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeatable)")
+    p.add_argument("--prompt", required=True, help="the question or instruction")
+    p.add_argument("--no-stream", action="store_true", help="print the answer once it is complete")
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="interactive chat; `/image PATH` attaches an image to your next message",
+                       description="Chat with the checkpoint in --model. Commands: /image PATH (attach an image to "
+                                   "the next message), /reset (forget the conversation), /exit (or Ctrl-D).")
+    _add_model_args(p)
+
+
+def _load(args: argparse.Namespace):
+    from .generation import GenerationConfig
+    from .model import KimiVLForConditionalGeneration
+    from .processing import KimiVLProcessor
+
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, stop_strings=args.stop)
+    config.validate()
+    if not Path(args.model).is_dir():
+        raise InputError(f"--model {args.model} is not a directory")
+    processor = KimiVLProcessor.from_pretrained(args.model)
+    model = KimiVLForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    return model, processor, config
+
+
+def _answer(model, processor, messages: list[dict], config, no_stream: bool = False) -> str:
+    """Run one turn, printing the answer (streamed unless no_stream) and the speed on stderr."""
+    from .generation import stream
+
+    out = stream(model, processor, messages, config=config)
+    for delta in out:
+        if not no_stream:
+            print(delta, end="", flush=True)
+    print(out.text if no_stream else "", flush=True)
+    s = out.stats
+    print(f"[prefill {s.prompt_tokens} tokens at {s.prefill_tokens_per_second:.1f} tok/s, decode {s.new_tokens} "
+          f"tokens at {s.decode_tokens_per_second:.1f} tok/s, stopped: {out.finish_reason}]", file=sys.stderr)
+    return out.text
+
+
+def _user_message(text: str, images: list[str]) -> dict:
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "image", "image": p} for p in images] + [{"type": "text",
+                                                                                            "text": text}]}
+
+
+def _system(args: argparse.Namespace) -> list[dict]:
+    return [{"role": "system", "content": args.system}] if args.system else []
+
+
+def _generate(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise InputError("--prompt is empty")
+    for path in args.image:
+        if not Path(path).is_file():
+            raise InputError(f"image file not found: {path}")
+    model, processor, config = _load(args)
+    _answer(model, processor, _system(args) + [_user_message(args.prompt, args.image)], config, args.no_stream)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    model, processor, config = _load(args)
+    print("chat: /image PATH attaches an image to your next message, /reset forgets, /exit quits", file=sys.stderr)
+    history, images = _system(args), []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history, images = _system(args), []
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if not Path(path).is_file():
+                print(f"error: image file not found: {path or '(no path given)'}", file=sys.stderr)
+            else:
+                images.append(path)
+            continue
+        message = _user_message(line, images)
+        try:
+            started = time.perf_counter()
+            answer = _answer(model, processor, history + [message], config)
+        except InputError as e:  # a bad image or too long a conversation: say so and keep the session
+            print(f"error: {e}", file=sys.stderr)
+            images = []
+            continue
+        logging.debug("turn took %.2f s", time.perf_counter() - started)
+        history += [message, {"role": "assistant", "content": answer}]
+        images = []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(sub)
+    _add_chat(sub)
     eval_parser = _add_eval(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        if args.command == "eval":
+        if args.command == "generate":
+            _generate(args)
+        elif args.command == "chat":
+            _chat(args)
+        elif args.command == "eval":
             _eval(args, eval_parser)
     except KimiVLError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: the predictions so far are saved; rerun the same command to resume", file=sys.stderr)
+        if args.command == "eval":
+            print("interrupted: the predictions so far are saved; rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
 

@@ -103,6 +103,12 @@ class TextConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
+    def eos_token_ids(self) -> list[int]:
+        """eos_token_id as a list (the field may hold one id, several or none)."""
+        ids = self.eos_token_id
+        return [] if ids is None else list(ids) if isinstance(ids, list) else [ids]
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import MLACache
 from .config import TextConfig
+from .kernels.mla import absorbed_attention
 from .kernels.moe import moe_experts
 from .kernels.routing import route
 from .rope import apply_rope, rope_1d_angles
@@ -113,12 +115,23 @@ class MLAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.config.kv_lora_rank, self.config.qk_rope_head_dim], -1)
         return self.kv_a_layernorm(latent), apply_rope(k_pe[..., None, :], cos, sin)[..., 0, :]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
-                ) -> torch.Tensor:
-        """Full-sequence attention. mask: bool [B, 1, T, T] (True = attend) or None for plain causal."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: MLACache | None = None, layer: int = 0) -> torch.Tensor:
+        """x [B, T, H] -> [B, T, H]. mask: bool [B, 1, T, keys] (True = attend) or None for plain causal.
+
+        With a cache the chunk's latents are stored; a chunk that follows cached tokens attends over all of them
+        through the absorbed path (per-head keys and values never built), while the first chunk (prefill) expands
+        its own keys and values, which is cheaper for many queries.
+        """
         cfg = self.config
         q_nope, q_pe = self.project_q(x, cos, sin)
         latent, k_pe = self.project_latent(x, cos, sin)
+        if cache is not None and cache.length > 0:
+            latent, k_pe = cache.write(layer, latent, k_pe)
+            out = absorbed_attention(q_nope, q_pe, latent, k_pe, self.kv_b_proj.weight, mask, self.softmax_scale)
+            return self.o_proj(out.flatten(2))
+        if cache is not None:
+            cache.write(layer, latent, k_pe)
         k_nope, v = self.kv_b_proj(latent).unflatten(-1, (cfg.num_attention_heads, -1)).split(
             [cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)  # [B, T, heads, nope], [B, T, heads, v]
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, heads, T, qk_head_dim]
@@ -136,9 +149,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
-                ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: MLACache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -158,21 +171,25 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, cache: MLACache | None = None) -> torch.Tensor:
         """-> logits [B, T, vocab] in float32 (as the official model returns them)."""
-        return self.lm_head(self.hidden_states(inputs_embeds, position_ids, attention_mask)).float()
+        return self.lm_head(self.hidden_states(inputs_embeds, position_ids, attention_mask, cache)).float()
 
     def hidden_states(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None, cache: MLACache | None = None) -> torch.Tensor:
         """inputs_embeds [B, T, H], position_ids [B, T], attention_mask [B, T] (1 = real token) -> hidden [B, T, H]
-        after the final norm."""
+        after the final norm. With a cache the tokens continue what it holds (attention_mask covers the new tokens
+        only) and are appended to it."""
         cfg = self.config
+        T = inputs_embeds.shape[1]
         angles = rope_1d_angles(position_ids, cfg.qk_rope_head_dim, cfg.rope_theta)  # [B, T, rope/2]
         cos, sin = angles.cos(), angles.sin()
-        mask = causal_mask(attention_mask, inputs_embeds.shape[1])
+        mask = causal_mask(attention_mask, T) if cache is None else cache.attention_mask(attention_mask, T)
         x = inputs_embeds
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
         return self.model.norm(x)
 
 

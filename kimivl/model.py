@@ -106,6 +106,20 @@ class KimiVLForConditionalGeneration(nn.Module):
             if t is not None and t.shape != input_ids.shape:
                 raise InputError(f"{name} shape {list(t.shape)} != input_ids shape {list(input_ids.shape)}")
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, image_grid_hws: torch.Tensor | None = None, *,
+                 stop_ids: list[int] | None = None, pad_id: int | None = None, **settings) -> torch.Tensor:
+        """New token ids [B, n] for left-padded prompts, with the latent cache; settings are GenerationConfig fields
+        (max_new_tokens, temperature, top_k, top_p, seed). Rows stop at a stop id (default: the config's
+        eos_token_id; pass `processor.tokenizer.stop_ids` to stop at `<|im_end|>` too) and are then padded."""
+        from .generation import GenerationConfig, generate_tokens
+
+        t = self.config.text_config
+        steps = generate_tokens(self, input_ids, attention_mask, pixel_values, image_grid_hws,
+                                GenerationConfig(**settings), t.eos_token_ids if stop_ids is None else stop_ids,
+                                (t.pad_token_id or 0) if pad_id is None else pad_id)
+        return torch.stack(list(steps), dim=1)
+
     # ---- checkpoints -----------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,

@@ -11,6 +11,8 @@ import torch
 from kimivl import InputError, KimiVLConfig, KimiVLForConditionalGeneration
 from kimivl.model import init_weights
 
+from .tiny_tokenizer import write_tokenizer
+
 # The published Kimi-VL-A3B-Instruct preprocessor settings (spec 6); image_mean/std are read from the checkpoint.
 PREPROCESSOR_CONFIG = {
     "image_processor_type": "KimiVLImageProcessor",
@@ -27,7 +29,8 @@ PREPROCESSOR_CONFIG = {
 
 def make_tiny(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, shards: int = 2
               ) -> KimiVLForConditionalGeneration:
-    """Write a random `preset` model to `out` as an official checkpoint split into about `shards` files.
+    """Write a random `preset` model to `out` as an official checkpoint split into about `shards` files, with the
+    preprocessor settings and tokenizer files (a small BPE vocabulary, Kimi special tokens, chat template).
 
     Every parameter is random (norm weights near 1, biases and router correction biases non-zero) so that tests
     see a wrong layout or a dropped term. Returns the model (float32).
@@ -47,4 +50,5 @@ def make_tiny(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, shard
     total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     model.save_pretrained(out, max_shard_size=total // shards + 1)
     (Path(out) / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+    write_tokenizer(out, config.text_config.vocab_size)
     return model

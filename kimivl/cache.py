@@ -1,0 +1,53 @@
+"""The MLA latent KV cache: per token and layer only the normalised latent (kv_lora_rank) and the rotated rope key
+(qk_rope_head_dim), never per-head keys or values."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import TextConfig
+
+
+class MLACache:
+    """Preallocated for `batch` rows of up to `max_len` tokens. `valid` marks real (non-padding) slots; `length` is
+    the number of slots filled (the same for every row: batches are left-padded)."""
+
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        layers = cfg.num_hidden_layers
+        self.latent = torch.zeros(layers, batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
+        self.k_pe = torch.zeros(layers, batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+    def bytes_per_token_per_layer(self) -> int:
+        return (self.latent.shape[-1] + self.k_pe.shape[-1]) * self.latent.element_size()
+
+    def nbytes(self) -> int:
+        return self.latent.nbytes + self.k_pe.nbytes + self.valid.nbytes
+
+    def write(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a chunk [B, T, ...] at slots length..length+T of `layer`; -> everything cached so far for it."""
+        end = self.length + latent.shape[1]
+        self.latent[layer, :, self.length:end] = latent
+        self.k_pe[layer, :, self.length:end] = k_pe
+        return self.latent[layer, :, :end], self.k_pe[layer, :, :end]
+
+    def attention_mask(self, new_mask: torch.Tensor | None, T: int) -> torch.Tensor:
+        """Record which of the next T slots are real and return the bool mask [B, 1, T, length+T] (True = attend)
+        for queries at those slots: causal, real keys only, and always the query's own slot."""
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} tokens; {end} needed")
+        self.valid[:, start:end] = True if new_mask is None else new_mask.bool()
+        pos = torch.arange(end, device=self.valid.device)
+        query = pos[start:, None]
+        mask = (pos[None, :] <= query) & self.valid[:, None, :end]  # [B, T, end]
+        return (mask | (pos[None, :] == query))[:, None]
+
+    def advance(self, T: int) -> None:
+        self.length += T

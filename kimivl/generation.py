@@ -1,0 +1,245 @@
+"""Generation: prefill into the MLA latent cache, one-token decode steps, sampling, stopping and text streaming."""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+
+from .cache import MLACache
+from .errors import InputError
+from .model import default_position_ids
+from .tokenizer import held_back, stop_string_at
+
+if TYPE_CHECKING:
+    from .model import KimiVLForConditionalGeneration
+    from .processing import KimiVLProcessor
+
+
+@dataclass
+class GenerationConfig:
+    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters; seed fixes the sampling."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: Sequence[str] = ()
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # real (non-padding) prompt tokens over the batch
+    prefill_seconds: float = 0.0
+    new_tokens: int = 0  # tokens decoded over the batch, after the first (which prefill produces)
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]: argmax at temperature 0, else a draw from softmax(logits / T) restricted to
+    the top_k tokens and to the smallest set of most likely tokens whose probability reaches top_p."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / cfg.temperature
+    if 0 < cfg.top_k < logits.shape[-1]:
+        kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= cfg.top_p  # mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                    image_grid_hws: torch.Tensor | None = None, config: GenerationConfig | None = None,
+                    stop_ids: Sequence[int] = (), pad_id: int = 0, stats: GenerationStats | None = None
+                    ) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row [B], step by step, until every row has produced a stop id or
+    max_new_tokens are done; rows that have stopped yield pad_id. input_ids are left-padded (attention_mask 0).
+
+    Prefill runs the prompt once and fills the latent cache; each decode step runs one token per row against it.
+    """
+    cfg = config or GenerationConfig()
+    cfg.validate()
+    model.check_ids(input_ids, attention_mask=attention_mask)
+    lm = model.language_model
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    longest = int(attention_mask.sum(-1).max())
+    limit = model.config.text_config.max_position_embeddings
+    if longest + cfg.max_new_tokens > limit:
+        raise InputError(f"the prompt has {longest} tokens and max_new_tokens is {cfg.max_new_tokens}: together "
+                         f"{longest + cfg.max_new_tokens}, beyond the model's context of {limit} tokens")
+    stats = stats if stats is not None else GenerationStats()
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(cfg.seed)
+    stop = torch.tensor(sorted(set(stop_ids)), device=input_ids.device, dtype=torch.long)
+
+    start = time.perf_counter()
+    cache = MLACache(lm.config, B, T + cfg.max_new_tokens, device=model.device, dtype=model.dtype)
+    positions = default_position_ids(input_ids, attention_mask)
+    embeds = model.embed(input_ids, pixel_values, image_grid_hws)
+    logits = lm.lm_head(lm.hidden_states(embeds, positions, attention_mask, cache)[:, -1]).float()  # [B, V]
+    next_pos = positions[:, -1:] + 1  # [B, 1]
+    token = sample(logits, cfg, generator)
+    stats.prompt_tokens += int(attention_mask.sum())
+    stats.prefill_seconds += time.perf_counter() - start
+
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for step in range(cfg.max_new_tokens):
+        token = torch.where(finished, pad_id, token)
+        yield token
+        finished |= torch.isin(token, stop)
+        if step + 1 == cfg.max_new_tokens or bool(finished.all()):
+            return
+        start = time.perf_counter()
+        hidden = lm.hidden_states(lm.model.embed_tokens(token[:, None]), next_pos, None, cache)
+        token = sample(lm.lm_head(hidden[:, -1]).float(), cfg, generator)
+        next_pos = next_pos + 1
+        stats.new_tokens += int((~finished).sum())
+        stats.decode_seconds += time.perf_counter() - start
+
+
+class RowText:
+    """Detokenises one row incrementally: yields text deltas that are whole UTF-8 characters, holds back text that
+    may be the start of a stop string, and stops at a stop id or stop string."""
+
+    def __init__(self, tokenizer: Any, stop_ids: Sequence[int], stop_strings: Sequence[str]):
+        self.tokenizer, self.stop_ids, self.stop_strings = tokenizer, set(stop_ids), list(stop_strings)
+        self.decoder: Any = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text, self.shown, self.token_ids = "", 0, []
+        self.finish_reason: str | None = None
+
+    def push(self, token: int) -> str:
+        """Take one generated token; -> the newly showable text."""
+        if self.finish_reason:
+            return ""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return self.flush()
+        self.token_ids.append(token)
+        if not self.tokenizer.is_special(token):
+            self.text += self.decoder.decode(self.tokenizer.decode_bytes([token]))
+        cut = stop_string_at(self.text, self.stop_strings)
+        if cut is not None:  # the text ends before the stop string: bytes still pending in the decoder are dropped
+            self.text, self.finish_reason, self.decoder = self.text[:cut], "stop", None
+            return self._show(len(self.text))
+        return self._show(len(self.text) - held_back(self.text, self.stop_strings))
+
+    def flush(self) -> str:
+        """End of generation: show everything, with any incomplete trailing character as U+FFFD."""
+        if self.decoder is not None:
+            self.text += self.decoder.decode(b"", final=True)
+        return self._show(len(self.text))
+
+    def _show(self, upto: int) -> str:
+        delta, self.shown = self.text[self.shown:upto], max(self.shown, upto)
+        return delta
+
+
+class TextStream:
+    """Iterate to get text deltas as they are generated; afterwards `text`, `token_ids`, `finish_reason` ("stop" or
+    "length") and `stats` hold the result."""
+
+    def __init__(self, tokens: Iterator[torch.Tensor], row: RowText, stats: GenerationStats):
+        self._tokens, self._row, self.stats = tokens, row, stats
+
+    def __iter__(self) -> Iterator[str]:
+        for token in self._tokens:
+            delta = self._row.push(int(token[0]))
+            if delta:
+                yield delta
+            if self._row.finish_reason:
+                self._tokens.close()
+                return
+        self._row.finish_reason = "length"
+        tail = self._row.flush()
+        if tail:
+            yield tail
+
+    @property
+    def text(self) -> str:
+        return self._row.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._row.token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._row.finish_reason
+
+
+def _setup(model: "KimiVLForConditionalGeneration", processor: "KimiVLProcessor", messages: Any, images: Any,
+           config: GenerationConfig | None, settings: dict) -> tuple[dict, GenerationConfig, list[int]]:
+    tok = processor.tokenizer
+    if tok.vocab_size > model.config.text_config.vocab_size:
+        raise InputError(f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
+                         f"{model.config.text_config.vocab_size}: they do not belong together")
+    cfg = config or GenerationConfig(**settings)
+    inputs = processor(messages, images=images).to(model.device, dtype=model.dtype)
+    stop_ids = sorted(set(tok.stop_ids) | set(model.config.text_config.eos_token_ids))
+    return inputs, cfg, stop_ids
+
+
+def stream(model: "KimiVLForConditionalGeneration", processor: "KimiVLProcessor", messages: Sequence[dict], *,
+           images: Sequence[Any] | None = None, config: GenerationConfig | None = None, **settings: Any
+           ) -> TextStream:
+    """Answer one conversation, streaming: `for delta in stream(model, processor, messages, max_new_tokens=64)`.
+    Settings are GenerationConfig fields."""
+    inputs, cfg, stop_ids = _setup(model, processor, messages, images, config, settings)
+    stats = GenerationStats()
+    tokens = generate_tokens(model, **inputs, config=cfg, stop_ids=stop_ids, pad_id=processor.tokenizer.pad_id,
+                             stats=stats)
+    return TextStream(tokens, RowText(processor.tokenizer, stop_ids, cfg.stop_strings), stats)
+
+
+def generate(model: "KimiVLForConditionalGeneration", processor: "KimiVLProcessor",
+             messages: Sequence[dict] | Sequence[Sequence[dict]], *, images: Any = None,
+             config: GenerationConfig | None = None, stats: GenerationStats | None = None, **settings: Any
+             ) -> str | list[str]:
+    """Answer one conversation (-> str) or a batch of them (-> list[str], run together, left-padded)."""
+    single = bool(messages) and isinstance(messages[0], dict)
+    inputs, cfg, stop_ids = _setup(model, processor, messages, images, config, settings)
+    rows = [RowText(processor.tokenizer, stop_ids, cfg.stop_strings) for _ in range(inputs["input_ids"].shape[0])]
+    tokens = generate_tokens(model, **inputs, config=cfg, stop_ids=stop_ids, pad_id=processor.tokenizer.pad_id,
+                             stats=stats)
+    for step in tokens:
+        for row, token in zip(rows, step.tolist()):
+            row.push(token)
+        if all(row.finish_reason for row in rows):
+            tokens.close()
+            break
+    for row in rows:
+        row.flush()
+        row.finish_reason = row.finish_reason or "length"
+    texts = [row.text for row in rows]
+    return texts[0] if single else texts

@@ -1,0 +1,29 @@
+"""MLA attention over the latent cache with weight absorption (the decode path)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                       kv_b_weight: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention of new queries over cached latents, never expanding per-head keys or values.
+
+    q_nope [B, T, heads, nope], q_pe [B, T, heads, rope] (rotated); latent [B, S, C] (normalised), k_pe [B, S, rope]
+    (rotated); kv_b_weight [heads * (nope + v), C]; mask bool [B, 1, T, S] (True = attend). Returns [B, T, heads, v].
+
+    k_nope = latent @ W_uk^T per head, so q_nope . k_nope = (q_nope @ W_uk) . latent: queries are taken into the
+    latent space; likewise softmax @ (latent @ W_uv^T) = (softmax @ latent) @ W_uv^T: values are projected out after
+    attention. Scores are softmaxed in float32.
+    """
+    heads, nope = q_nope.shape[2], q_nope.shape[3]
+    w = kv_b_weight.unflatten(0, (heads, -1))  # [heads, nope + v, C]
+    w_uk, w_uv = w[:, :nope], w[:, nope:]  # [heads, nope, C], [heads, v, C]
+    q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # [B, heads, T, C]
+    scores = q_latent @ latent[:, None].transpose(-1, -2)  # [B, heads, T, S]
+    scores = scores + q_pe.transpose(1, 2) @ k_pe[:, None].transpose(-1, -2)
+    scores = scores.float() * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    context = scores.softmax(dim=-1).to(latent.dtype) @ latent[:, None]  # [B, heads, T, C]
+    return torch.einsum("bhtc,hvc->bthv", context, w_uv)

@@ -1,0 +1,257 @@
+"""From images and conversations to model inputs: the image processor (spec 6) and the processor that joins it with
+the tokenizer and chat format (spec 5, 7)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import CheckpointError, InputError
+from .tokenizer import KimiTokenizer, check_messages
+
+MEDIA_PAD = "<|media_pad|>"
+
+
+def _describe(image: Any) -> str:
+    """A short name for an input in error messages."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if isinstance(image, (bytes, bytearray)):
+        return f"<{len(image)} bytes>"
+    return f"<{type(image).__name__}>"
+
+
+def load_image(image: Any) -> Image.Image:
+    """A PIL image from a PIL image, a path, encoded bytes or an [H, W] / [H, W, C] uint8 array; EXIF orientation
+    applied. Undecodable data, decompression bombs and empty images raise InputError naming the input."""
+    name = _describe(image)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(image, Image.Image):
+                img = image
+            elif isinstance(image, (str, os.PathLike)):
+                if not Path(image).is_file():
+                    raise InputError(f"image file not found: {image}")
+                img = Image.open(image)
+            elif isinstance(image, (bytes, bytearray)):
+                img = Image.open(io.BytesIO(image))
+            elif hasattr(image, "__array_interface__") or isinstance(image, torch.Tensor):
+                img = Image.fromarray(image.numpy() if isinstance(image, torch.Tensor) else image)
+            else:
+                raise InputError(f"cannot use {name} as an image: give a PIL image, a path, bytes or a uint8 array")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise InputError(f"image {name} is too large to decode safely (decompression bomb check): {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as e:
+        raise InputError(f"cannot decode image {name}: {e}") from None
+    if img.width == 0 or img.height == 0:
+        raise InputError(f"image {name} is empty ({img.width}x{img.height})")
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, the way the official processor's `convert("RGB")` does it, except that 16-bit and float grayscale are
+    scaled to 8 bits first (PIL would clip them to white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    elif img.mode == "F":
+        img = img.point(lambda v: v * 255).convert("L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+@dataclass
+class KimiVLImageProcessor:
+    """Native-resolution preprocessing (spec 6): downsize only when the patch count exceeds `in_token_limit`, pad
+    right/bottom to multiples of patch*merge, normalise, cut into patches."""
+
+    patch_size: int = 14
+    in_token_limit: int = 4096
+    pad_input: bool = True
+    merge_kernel_size: tuple[int, int] = (2, 2)
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # class defaults (OpenAI CLIP);
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)  # checkpoints override them
+    max_patches_per_side: int = 512  # the official processor rejects grids the 2D RoPE table cannot cover
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "KimiVLImageProcessor":
+        """Settings from a checkpoint's `preprocessor_config.json`; the class defaults (spec 6) where absent."""
+        file = Path(path) / "preprocessor_config.json"
+        if not file.is_file():
+            return cls()
+        try:
+            cfg = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+        fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
+        for k in ("merge_kernel_size", "image_mean", "image_std"):
+            if k in fields:
+                fields[k] = tuple(fields[k])
+        return cls(**fields)
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """Size after the downscale rule: scale by sqrt(limit / patches) when floor(W/p)*floor(H/p) > limit."""
+        p = self.patch_size
+        patches = (width // p) * (height // p)
+        if patches <= self.in_token_limit:
+            return width, height
+        s = math.sqrt(self.in_token_limit / patches)
+        return max(1, int(width * s)), max(1, int(height * s))
+
+    def preprocess_one(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+        """-> patches [h*w, 3, p, p] float32 and the grid (h, w)."""
+        img = load_image(image)
+        size = self.target_size(img.width, img.height)
+        if size != img.size:
+            img = img.resize(size, Image.Resampling.BICUBIC)
+        p = self.patch_size
+        if self.pad_input:
+            unit = p * self.merge_kernel_size[0], p * self.merge_kernel_size[1]
+            w, h = -(-img.width // unit[1]) * unit[1], -(-img.height // unit[0]) * unit[0]
+            padded = Image.new("RGB", (w, h))  # black, as the official constant-0 pad
+            padded.paste(img, (0, 0))
+            img = padded
+        else:  # centre crop to whole patches
+            w, h = img.width // p * p, img.height // p * p
+            if not w or not h:
+                raise InputError(f"image {_describe(image)} ({img.width}x{img.height}) is smaller than one "
+                                 f"{p}x{p} patch")
+            left, top = (img.width - w) // 2, (img.height - h) // 2
+            img = img.crop((left, top, left + w, top + h))
+        gh, gw = h // p, w // p
+        if gh >= self.max_patches_per_side or gw >= self.max_patches_per_side:
+            raise InputError(f"image {_describe(image)} gives a {gh}x{gw} patch grid; at most "
+                             f"{self.max_patches_per_side - 1} patches per side are supported")
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3)
+        x = x.permute(2, 0, 1).float().div_(255)  # [3, H, W] in [0, 1]
+        mean = torch.tensor(self.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.image_std).view(3, 1, 1)
+        x = (x - mean) / std
+        patches = x.view(3, gh, p, gw, p).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, p, p)
+        return patches, (gh, gw)
+
+    def __call__(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """-> {"pixel_values": [sum of h*w, 3, p, p] float32, "image_grid_hws": [N, 2] int64}."""
+        out = [self.preprocess_one(image) for image in images]
+        p = self.patch_size
+        return {"pixel_values": torch.cat([x for x, _ in out]) if out else torch.zeros(0, 3, p, p),
+                "image_grid_hws": torch.tensor([g for _, g in out], dtype=torch.long).view(-1, 2)}
+
+    def num_tokens(self, grid_hw: tuple[int, int]) -> int:
+        """Decoder tokens one image takes after the patch merge."""
+        kh, kw = self.merge_kernel_size
+        return grid_hw[0] * grid_hw[1] // (kh * kw)
+
+
+class ModelInputs(dict):
+    """The processor's output: a dict of tensors (input_ids, attention_mask, pixel_values, image_grid_hws) that can
+    be moved as one and unpacked into `model(**inputs)` / `model.generate(**inputs)`."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ModelInputs":
+        """Move every tensor to `device`; `dtype` applies to pixel_values only."""
+        moved = ModelInputs({k: v.to(device) for k, v in self.items()})
+        if dtype is not None and "pixel_values" in moved:
+            moved["pixel_values"] = moved["pixel_values"].to(dtype)
+        return moved
+
+
+class KimiVLProcessor:
+    """Conversations (or prompt text with `<|media_pad|>` placeholders) and images -> model inputs. Each image's
+    placeholder becomes (h*w)/4 `<|media_pad|>` ids; a batch is left-padded so generation continues every row at
+    the same column."""
+
+    def __init__(self, tokenizer: KimiTokenizer, image_processor: KimiVLImageProcessor | None = None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor or KimiVLImageProcessor()
+        self.media_pad_id = tokenizer.token_id(MEDIA_PAD)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "KimiVLProcessor":
+        if not Path(path).is_dir():
+            raise CheckpointError(f"{path} is not a directory")
+        return cls(KimiTokenizer.from_pretrained(path), KimiVLImageProcessor.from_pretrained(path))
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+    def __call__(self, messages: Sequence[dict] | Sequence[Sequence[dict]] | None = None, *,
+                 text: str | Sequence[str] | None = None, images: Sequence[Any] | Sequence[Sequence[Any]] | None = None,
+                 add_generation_prompt: bool = True) -> ModelInputs:
+        """One conversation or a batch of them (a list of message lists), or `text` (a prompt or a list of prompts,
+        each `<|media_pad|>` standing for one image). Images come from the messages' image items, or from
+        `images` (one list per conversation in a batch), matched to the image slots in order."""
+        if (messages is None) == (text is None):
+            raise InputError("give either messages or text")
+        if messages is not None:
+            batch = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+            for conv in batch:
+                check_messages(conv)
+            prompts = [self.apply_chat_template(conv, add_generation_prompt) for conv in batch]
+            inline = [[item.get("image") for m in conv if not isinstance(m["content"], str)
+                       for item in m["content"] if item["type"] == "image"] for conv in batch]
+        else:
+            prompts = [text] if isinstance(text, str) else list(text)
+            inline = [[None] * p.count(MEDIA_PAD) for p in prompts]
+        if images is None:
+            per_prompt = inline
+        elif len(prompts) == 1 and (not images or not isinstance(images[0], (list, tuple))):
+            per_prompt = [list(images)]
+        else:
+            per_prompt = [list(imgs) for imgs in images]
+            if len(per_prompt) != len(prompts):
+                raise InputError(f"got image lists for {len(per_prompt)} conversations but {len(prompts)} "
+                                 "conversations")
+        return self._encode(prompts, per_prompt)
+
+    def _encode(self, prompts: list[str], images: list[list[Any]]) -> ModelInputs:
+        rows, all_images = [], []
+        for n, (prompt, imgs) in enumerate(zip(prompts, images)):
+            pieces = prompt.split(MEDIA_PAD)
+            where = f"conversation {n}: " if len(prompts) > 1 else ""
+            if len(imgs) != len(pieces) - 1:
+                raise InputError(f"{where}{len(pieces) - 1} image slots in the prompt but {len(imgs)} images given")
+            missing = [i for i, img in enumerate(imgs) if img is None]
+            if missing:
+                raise InputError(f"{where}image item {missing[0]} has no image: give {{'type': 'image', "
+                                 "'image': path_or_PIL}} or pass images=[...]")
+            feats = [self.image_processor.preprocess_one(img) for img in imgs]
+            ids = self.tokenizer.encode(pieces[0])
+            for (patches, grid), piece in zip(feats, pieces[1:]):
+                ids += [self.media_pad_id] * self.image_processor.num_tokens(grid)
+                ids += self.tokenizer.encode(piece)
+            if not ids:
+                raise InputError(f"{where}the prompt is empty")
+            rows.append(ids)
+            all_images += feats
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        out = ModelInputs(input_ids=input_ids, attention_mask=attention_mask)
+        if all_images:
+            out["pixel_values"] = torch.cat([x for x, _ in all_images])
+            out["image_grid_hws"] = torch.tensor([g for _, g in all_images], dtype=torch.long)
+        return out
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens)

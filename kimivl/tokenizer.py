@@ -1,0 +1,272 @@
+"""Kimi's tiktoken BPE tokenizer and chat format (spec 7), read from a checkpoint's `tiktoken.model` and
+`tokenizer_config.json`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import tiktoken
+
+from .errors import CheckpointError, InputError
+
+# Pre-tokenisation regex (spec 7): the alternatives in order, joined with "|".
+PAT_STR = "|".join([
+    r"[\p{Han}]+",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}",
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+    r"\s*[\r\n]+",
+    r"\s+(?!\S)",
+    r"\s+",
+])
+NUM_RESERVED_SPECIAL_TOKENS = 256
+MAX_CHUNK_CHARS = 400_000  # tiktoken is handed text in chunks no longer than this ...
+MAX_RUN_CHARS = 25_000  # ... and runs of whitespace / non-whitespace no longer than this (its worst case is quadratic)
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
+ROLES = ("system", "user", "assistant")
+IMAGE_SLOT = "<|media_start|>image<|media_content|><|media_pad|><|media_end|>"
+GENERATION_PROMPT = "<|im_assistant|>assistant<|im_middle|>"
+THINK_START, THINK_END = "◁think▷", "◁/think▷"
+
+
+def read_tiktoken_model(path: str | os.PathLike) -> dict[bytes, int]:
+    """Mergeable ranks from a `tiktoken.model` file: one `base64(token bytes) rank` per line.
+
+    Read here rather than with `tiktoken.load.load_tiktoken_bpe`, which caches by path and would return a stale
+    vocabulary when a file is rewritten in place.
+    """
+    ranks: dict[bytes, int] = {}
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as e:
+        raise CheckpointError(f"cannot read the tokenizer vocabulary {path}: {e.strerror or e}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise CheckpointError(f"{path} line {n} is not `base64-token rank`: {line[:80]!r}") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise CheckpointError(f"{path}: ranks must be 0..{len(ranks) - 1} with no gaps or repeats")
+    return ranks
+
+
+def write_tiktoken_model(ranks: dict[bytes, int], path: str | os.PathLike) -> None:
+    lines = (f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda t: t[1]))
+    Path(path).write_text("".join(lines))
+
+
+def _token_name(value: Any) -> str | None:
+    """`bos_token` and friends are stored as a string or as {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class KimiTokenizer:
+    """Byte-level BPE (tiktoken) with 256 special ids after the base vocabulary, named from `added_tokens_decoder`
+    and `<|reserved_token_{id}|>` otherwise. Special-token strings inside text are encoded as their ids, as the
+    official tokenizer does."""
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], named_specials: dict[int, str] | None = None,
+                 eos_token: str = "[EOS]", pad_token: str = "[PAD]", bos_token: str = "[BOS]",
+                 chat_template: str | None = None):
+        n = len(mergeable_ranks)
+        names = named_specials or {}
+        outside = [i for i in names if not n <= i < n + NUM_RESERVED_SPECIAL_TOKENS]
+        if outside:
+            raise CheckpointError(f"special token ids {outside} lie outside {n}..{n + NUM_RESERVED_SPECIAL_TOKENS - 1}, "
+                                  f"the ids after the {n}-token base vocabulary")
+        self.special_tokens = {names.get(i, f"<|reserved_token_{i}|>"): i
+                               for i in range(n, n + NUM_RESERVED_SPECIAL_TOKENS)}
+        self.encoding = tiktoken.Encoding("kimi", pat_str=PAT_STR, mergeable_ranks=mergeable_ranks,
+                                          special_tokens=self.special_tokens)
+        self.num_base_tokens = n
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "KimiTokenizer":
+        """Read `tiktoken.model`, `tokenizer_config.json` and, when present, `chat_template.jinja` from a directory."""
+        path = Path(path)
+        if not (path / "tiktoken.model").is_file():
+            raise CheckpointError(f"{path} has no tiktoken.model: it is not a Kimi tokenizer directory")
+        ranks = read_tiktoken_model(path / "tiktoken.model")
+        config: dict[str, Any] = {}
+        if (path / "tokenizer_config.json").is_file():
+            try:
+                config = json.loads((path / "tokenizer_config.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{path / 'tokenizer_config.json'} is not valid JSON: {e}") from None
+        try:
+            named = {int(i): entry["content"] for i, entry in config.get("added_tokens_decoder", {}).items()}
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{path / 'tokenizer_config.json'}: added_tokens_decoder must map ids to "
+                                  '{"content": name, ...}') from None
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        kwargs = {k: _token_name(config[k]) for k in ("eos_token", "pad_token", "bos_token") if config.get(k)}
+        return cls(ranks, named, chat_template=template, **kwargs)
+
+    # ---- ids ---------------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.num_base_tokens + NUM_RESERVED_SPECIAL_TOKENS
+
+    def token_id(self, name: str) -> int:
+        if name not in self.special_tokens:
+            raise InputError(f"the tokenizer has no special token {name!r}")
+        return self.special_tokens[name]
+
+    @property
+    def eos_id(self) -> int:
+        return self.token_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int:
+        return self.token_id(self.pad_token)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end an assistant turn: `<|im_end|>` and the EOS token."""
+        return sorted({self.token_id("<|im_end|>"), self.eos_id})
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id >= self.num_base_tokens
+
+    # ---- text <-> ids ------------------------------------------------------------------------------------------
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Text -> ids. With allow_special, special-token strings in the text become their ids (official
+        behaviour); without it they are encoded as plain text."""
+        allowed: Any = "all" if allow_special else set()
+        ids: list[int] = []
+        for chunk in _chunks(text):
+            ids += self.encoding.encode(chunk, allowed_special=allowed, disallowed_special=())
+        return ids
+
+    def decode_bytes(self, ids: Sequence[int], skip_special_tokens: bool = False) -> bytes:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InputError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.vocab_size - 1}")
+        if skip_special_tokens:
+            ids = [i for i in ids if not self.is_special(i)]
+        return self.encoding.decode_bytes(ids)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Ids -> text; bytes that do not form valid UTF-8 (a character cut between tokens) become U+FFFD."""
+        return self.decode_bytes(ids, skip_special_tokens).decode("utf-8", errors="replace")
+
+    # ---- chat format -------------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """Render a conversation as the model's prompt text: the checkpoint's own template when it ships one, else
+        the built-in rendering of spec 7."""
+        check_messages(messages)
+        if self.chat_template is None:
+            return render_chat(messages, add_generation_prompt)
+        return _jinja_template(self.chat_template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token, eos_token=self.eos_token)
+
+
+def _chunks(text: str):
+    """Pieces of at most MAX_CHUNK_CHARS, cut so no run of whitespace / non-whitespace exceeds MAX_RUN_CHARS."""
+    for start in range(0, len(text), MAX_CHUNK_CHARS):
+        chunk, piece_start, run_start = text[start:start + MAX_CHUNK_CHARS], 0, 0
+        for i in range(1, len(chunk)):
+            if chunk[i].isspace() != chunk[i - 1].isspace():
+                run_start = i
+            elif i - run_start >= MAX_RUN_CHARS:
+                yield chunk[piece_start:i]
+                piece_start = run_start = i
+        yield chunk[piece_start:]
+
+
+def check_messages(messages: Sequence[dict]) -> None:
+    if not messages:
+        raise InputError("the conversation is empty: give at least one message")
+    for n, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise InputError(f"message {n} must be a dict with 'role' and 'content', got {m!r:.80}")
+        if m["role"] not in ROLES:
+            raise InputError(f"message {n} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
+        if isinstance(m["content"], str):
+            continue
+        if not isinstance(m["content"], list):
+            raise InputError(f"message {n} content must be a string or a list of items")
+        for item in m["content"]:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind not in ("image", "text") or (kind == "text" and not isinstance(item.get("text"), str)):
+                raise InputError(f"message {n} has an item {item!r:.80}; expected {{'type': 'image', 'image': ...}} "
+                                 "or {'type': 'text', 'text': str}")
+
+
+def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """The built-in chat format (spec 7): a default system turn unless the first message is one, then
+    `<|im_{role}|>{role}<|im_middle|>{content}<|im_end|>` per message, images as media slots; no newlines."""
+    parts = []
+    for n, m in enumerate(messages):
+        if n == 0 and m["role"] != "system":
+            parts.append(f"<|im_system|>system<|im_middle|>{DEFAULT_SYSTEM_PROMPT}<|im_end|>")
+        content = m["content"]
+        if not isinstance(content, str):
+            content = "".join(IMAGE_SLOT if item["type"] == "image" else item["text"] for item in content)
+        parts.append(f"<|im_{m['role']}|>{m['role']}<|im_middle|>{content}<|im_end|>")
+    if add_generation_prompt:
+        parts.append(GENERATION_PROMPT)
+    return "".join(parts)
+
+
+def _jinja_template(source: str):
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
+    except TemplateError as e:
+        raise CheckpointError(f"the checkpoint's chat template does not parse: {e}") from None
+
+
+def split_thinking(text: str) -> tuple[str, str]:
+    """Split a Thinking model's output into (thinking, answer) at the ◁think▷ ... ◁/think▷ markers.
+
+    Without an opening marker the whole text is the answer; an unclosed marker (generation cut short) means the
+    whole rest is thinking and the answer is empty.
+    """
+    start = text.find(THINK_START)
+    if start < 0:
+        return "", text.strip()
+    body = text[start + len(THINK_START):]
+    end = body.find(THINK_END)
+    if end < 0:
+        return body.strip(), ""
+    return body[:end].strip(), (text[:start] + body[end + len(THINK_END):]).strip()
+
+
+def stop_string_at(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the earliest stop string starts in text, or None."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of text could still be the start of a stop string (so must not be shown yet)."""
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), keep, -1):
+            if s.startswith(text[-k:]):
+                keep = k
+                break
+    return keep
+

@@ -58,7 +58,7 @@ def test_resize_uses_pil_bicubic_then_pads_and_patchifies():
     resized = img.resize((139, 93), Image.Resampling.BICUBIC)
     # written out from spec 6: pad right/bottom with black to multiples of 28, /255, normalise, patchify row-major
     canvas = torch.zeros(3, 112, 140)
-    canvas[:, :93, :139] = torch.from_numpy(np.asarray(resized)).permute(2, 0, 1).float() / 255
+    canvas[:, :93, :139] = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float() / 255
     canvas = (canvas - torch.tensor([0.5, 0.4, 0.3])[:, None, None]) / torch.tensor([0.2, 0.25, 0.3])[:, None, None]
     assert grid == (8, 10)
     expected = torch.stack([canvas[:, 14 * r:14 * r + 14, 14 * c:14 * c + 14] for r in range(8) for c in range(10)])

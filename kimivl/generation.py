@@ -115,8 +115,7 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
 
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(cfg.max_new_tokens):
-        token = torch.where(finished, pad_id, token)
-        yield token
+        yield torch.where(finished, pad_id, token)
         finished |= torch.isin(token, stop)
         if step + 1 == cfg.max_new_tokens or bool(finished.all()):
             return

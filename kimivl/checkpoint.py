@@ -265,7 +265,7 @@ def read_layout(path: str | os.PathLike, check_dtypes: bool = False) -> Layout:
     dtype = None
     if check_dtypes and config.torch_dtype is not None:
         try:
-            dtype = _dtype(config.torch_dtype)
+            dtype = parse_dtype(config.torch_dtype)
         except InputError:
             problems.append(f"config.json: torch_dtype {config.torch_dtype!r} is not a floating-point dtype")
     expected = expected_tensors(config)
@@ -380,8 +380,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
 
     layout = read_layout(path)
     device = _device(device)
-    dtype = _dtype(dtype) if dtype is not None else (
-        torch.float32 if device.type == "cpu" else _dtype(layout.config.torch_dtype or "bfloat16"))
+    dtype = parse_dtype(dtype) if dtype is not None else (
+        torch.float32 if device.type == "cpu" else parse_dtype(layout.config.torch_dtype or "bfloat16"))
     layout.raise_problems("cannot be loaded")
     with torch.device("meta"):
         model = KimiVLForConditionalGeneration(layout.config)
@@ -483,7 +483,8 @@ def parse_size(size: int | str) -> int:
     return int(value * base ** "_KMGT".index(m.group(2).upper() or "_"))
 
 
-def _dtype(value: torch.dtype | str) -> torch.dtype:
+def parse_dtype(value: torch.dtype | str) -> torch.dtype:
+    """A floating-point torch dtype from itself or its name ("bfloat16", "torch.float32")."""
     dt = value if isinstance(value, torch.dtype) else getattr(torch, str(value).removeprefix("torch."), None)
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
         raise InputError(f"dtype must be a floating-point torch dtype or its name (e.g. 'float32', 'bfloat16'), "

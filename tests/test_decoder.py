@@ -3,29 +3,18 @@ directory this project wrote) for whole-model logits, and hand-written loops for
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from kimivl import KimiVLConfig, KimiVLForConditionalGeneration
-from kimivl.checkpoint import to_official
 from kimivl.decoder import MoE
 from kimivl.kernels.moe import moe_experts
 from kimivl.kernels.routing import route
 from tests.helpers import rel_err
+from weights_tools.export import export_text
 
 HF_PRESETS = ["tiny", "tiny-qlora", "tiny-grouped"]  # transformers' router is sigmoid + bias (noaux_tc) only
-
-
-def write_hf_text_checkpoint(model: KimiVLForConditionalGeneration, out) -> None:
-    """The language model alone, official per-expert names with the `language_model.` prefix stripped."""
-    tensors = {k.removeprefix("language_model."): v.contiguous().clone()
-               for k, v in to_official(model.state_dict()).items() if k.startswith("language_model.")}
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(model.config.to_dict()["text_config"]))
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +26,7 @@ def hf_pair(tiny_checkpoint, tmp_path_factory):
     def get(preset):
         if preset not in cache:
             ours = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint(preset))
-            hf_dir = tmp_path_factory.mktemp(f"hf-{preset}")
-            write_hf_text_checkpoint(ours, hf_dir)
+            hf_dir = export_text(tiny_checkpoint(preset), tmp_path_factory.mktemp(f"hf-{preset}") / "hf")
             ref, info = DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager",
                                                               output_loading_info=True)
             assert not any(info.values()), info  # every weight loaded, none missing, unexpected or mismatched

@@ -1,17 +1,38 @@
-"""`python -m weights_tools <command>`: checkpoint tools."""
+"""`python -m weights_tools <command>` (or `kimivl-weights`): inspect, verify, reshard, convert and export
+checkpoints in bounded memory, and make tiny random ones."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from kimivl.config import PRESETS
 from kimivl.errors import KimiVLError
 
+from .rewrite import DTYPE_CHOICES
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_tools", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="config, parameters, dtypes, shards and experts, from the headers only")
+    p.add_argument("dir", help="checkpoint directory")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p = sub.add_parser("verify", help="check every tensor against the config; exit status 1 listing each problem")
+    p.add_argument("dir", help="checkpoint directory")
+    p.add_argument("--scan", action="store_true", help="also read all the data and report NaN / Inf values")
+    for name, text in [("reshard", "rewrite into shards of at most --max-shard-size, bit for bit"),
+                       ("convert", "rewrite with every tensor cast to --dtype (router biases stay float32)"),
+                       ("export-text", "the language model alone, as a DeepseekV3ForCausalLM checkpoint")]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("dir", help="checkpoint directory (only read)")
+        p.add_argument("out", help="output directory (must not exist, unless --force)")
+        p.add_argument("--max-shard-size", required=name == "reshard", default="5GB",
+                       help="e.g. 2GB (10^9 bytes) or 2GiB; default 5GB" if name != "reshard" else "e.g. 2GB or 2GiB")
+        if name == "convert":
+            p.add_argument("--dtype", required=True, choices=DTYPE_CHOICES)
+        p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p = sub.add_parser("make-tiny", help="write a random tiny checkpoint in the official format")
     p.add_argument("out", help="output directory")
     p.add_argument("--preset", default="tiny", choices=sorted(n for n in PRESETS if n != "a3b"))
@@ -19,15 +40,75 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=2, help="split the weights into about this many files")
     args = parser.parse_args(argv)
     try:
-        if args.command == "make-tiny":
-            from .tiny import make_tiny
-            model = make_tiny(args.out, preset=args.preset, seed=args.seed, shards=args.shards)
-            n = sum(p.numel() for p in model.parameters())
-            print(f"wrote {args.preset} checkpoint ({n:,} parameters) to {args.out}")
-    except KimiVLError as e:
+        return run(args)
+    except (KimiVLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "inspect":
+        from .inspection import inspect_checkpoint
+        summary = inspect_checkpoint(args.dir)
+        print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    elif args.command == "verify":
+        from .verify import verify
+        problems = verify(args.dir, scan=args.scan, progress=True)
+        for line in problems:
+            print(line)
+        print(f"{args.dir}: {len(problems)} problems" if problems else f"{args.dir}: ok",
+              file=sys.stderr if problems else sys.stdout)
+        return 1 if problems else 0
+    elif args.command in ("reshard", "convert"):
+        from .rewrite import rewrite
+        out = rewrite(args.dir, args.out, max_shard_size=args.max_shard_size, dtype=getattr(args, "dtype", None),
+                      force=args.force, progress=True)
+        print(f"wrote {out}")
+    elif args.command == "export-text":
+        from .export import export_text
+        out = export_text(args.dir, args.out, max_shard_size=args.max_shard_size, force=args.force, progress=True)
+        print(f"wrote {out} (load it with transformers' DeepseekV3ForCausalLM.from_pretrained)")
+    elif args.command == "make-tiny":
+        from .tiny import make_tiny
+        model = make_tiny(args.out, preset=args.preset, seed=args.seed, shards=args.shards)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"wrote {args.preset} checkpoint ({n:,} parameters) to {args.out}")
     return 0
+
+
+def format_summary(s: dict) -> str:
+    """inspect's summary as text."""
+    c, v, t, e = s["config"], s["config"]["vision"], s["config"]["text"], s["experts"]
+    found = sorted(set(e["routed_found"].values()))
+    lines = [
+        f"{s['path']}: {c['model_type']}, torch_dtype {c['torch_dtype']}",
+        f"  vision   {v['layers']} layers, hidden {v['hidden_size']}, {v['heads']} heads, MLP {v['intermediate_size']}, "
+        f"patch {v['patch_size']}, merge {'x'.join(map(str, v['merge_kernel_size']))}",
+        f"  decoder  {t['layers']} layers ({t['dense_layers']} dense + {t['moe_layers']} MoE), hidden "
+        f"{t['hidden_size']}, {t['heads']} heads, vocab {t['vocab_size']}, kv_lora_rank {t['kv_lora_rank']}, "
+        f"q_lora_rank {t['q_lora_rank']}, context {t['max_position_embeddings']}",
+        f"  experts  {e['routed']} routed ({e['per_token']} per token) + {e['shared']} shared per MoE layer; in the "
+        f"files: {' / '.join(map(str, found)) or 'none'} routed per layer over {len(e['routed_found'])} layers",
+        f"{'parameters':<14}{'total':>17}{'activated/token':>17}",
+    ]
+    for name, n in s["parameters"].items():
+        label = f"  {name}" if name == "embeddings" else name  # part of the decoder
+        lines.append(f"  {label:<12}{n['total']:>17,}{n['activated']:>17,}")
+    lines.append("dtypes")
+    for name, d in s["dtypes"].items():
+        lines.append(f"  {name:<8}{d['tensors']:>7,} tensors{d['parameters']:>17,} parameters{human(d['bytes']):>11}")
+    lines.append(f"shards ({len(s['shards'])} files, {human(sum(f['bytes'] for f in s['shards']))})")
+    lines += [f"  {f['file']:<36}{f['tensors']:>7,} tensors{human(f['bytes']):>11}" for f in s["shards"]]
+    lines.append(f"problems: {s['problems']}" + (" (run verify to list them)" if s["problems"] else ""))
+    return "\n".join(lines)
+
+
+def human(n: int) -> str:
+    """Bytes in decimal units, as shard sizes are given (5GB = 10^9 bytes)."""
+    units, i = ("B", "KB", "MB", "GB", "TB"), 0
+    while n >= 1000 and i < len(units) - 1:
+        n, i = n / 1000, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.2f} {units[i]}"
 
 
 if __name__ == "__main__":

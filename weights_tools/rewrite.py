@@ -1,0 +1,149 @@
+"""Rewrite a checkpoint into a new directory, streaming: reshard, convert dtype, or (export.py) rename.
+
+One writer serves them all: tensors go from the input files to the output shards chunk by chunk, so memory holds
+one chunk (64 MiB), never a tensor or a shard. The output is built in a hidden folder next to OUT and renamed to
+OUT only when complete; on any failure the folder is removed and OUT is left as it was. The input is only read.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kimivl.checkpoint import (KEEP_FLOAT32, Layout, TensorInfo, TensorSource, parse_dtype, parse_size, plan_shards,
+                               read_chunks, read_layout, shard_names, write_index, write_safetensors)
+from kimivl.errors import InputError
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
+DTYPE_CHOICES = ("bfloat16", "float16", "float32")
+
+
+def reshard(src: str | os.PathLike, out: str | os.PathLike, max_shard_size: int | str, force: bool = False,
+            progress: bool = False) -> Path:
+    """Copy checkpoint src to out with its tensors regrouped into shards of at most max_shard_size, bit for bit."""
+    return rewrite(src, out, max_shard_size=max_shard_size, force=force, progress=progress)
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dtype,
+            max_shard_size: int | str = "5GB", force: bool = False, progress: bool = False) -> Path:
+    """Copy checkpoint src to out with every tensor cast to dtype (router correction biases stay float32) and
+    config.json's torch_dtype updated."""
+    return rewrite(src, out, max_shard_size=max_shard_size, dtype=dtype, force=force, progress=progress)
+
+
+def rewrite(src: str | os.PathLike, out: str | os.PathLike, max_shard_size: int | str = "5GB",
+            dtype: str | torch.dtype | None = None, force: bool = False, progress: bool = False) -> Path:
+    """Reshard and/or convert: the input must be a checkpoint kimivl loads (CheckpointError listing every problem
+    otherwise)."""
+    target = parse_dtype(dtype) if dtype is not None else None
+    if target is not None and str(target).removeprefix("torch.") not in DTYPE_CHOICES:
+        raise InputError(f"convert to one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    out = check_output(src, out, force)
+    layout = read_layout(src)
+    layout.raise_problems("cannot be rewritten")
+    tensors = {name: (name, _out_dtype(name, layout.info(name), target)) for name in layout.expected}
+    config = None
+    if target is not None:
+        config = json.loads((layout.path / "config.json").read_text(encoding="utf-8"))
+        name = str(target).removeprefix("torch.")
+        for part in (config, config.get("vision_config"), config.get("text_config")):
+            if isinstance(part, dict):
+                part["torch_dtype"] = name
+                if "dtype" in part:
+                    part["dtype"] = name
+    return write_checkpoint(layout, out, tensors, max_shard_size, config=config, progress=progress)
+
+
+def _out_dtype(name: str, info: TensorInfo, target: torch.dtype | None) -> torch.dtype:
+    if target is None:
+        return info.dtype
+    return torch.float32 if name.endswith(KEEP_FLOAT32) else target
+
+
+def check_output(src: str | os.PathLike, out: str | os.PathLike, force: bool) -> Path:
+    """OUT as a path, refused when it exists (unless force), is or contains the input, or lies inside it."""
+    src, out = Path(src).resolve(), Path(out).resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise InputError(f"output {out} is, contains or lies inside the input {src}; write to another directory")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise InputError(f"output {out} already exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise InputError(f"the folder {out.parent} to hold the output does not exist; create it first")
+    return out
+
+
+def write_checkpoint(layout: Layout, out: Path, tensors: dict[str, tuple[str, torch.dtype]],
+                     max_shard_size: int | str, config: dict | None = None, skip: tuple[str, ...] = (),
+                     progress: bool = False) -> Path:
+    """Write a checkpoint directory at out (checked by check_output), streamed from layout's files.
+
+    tensors: output name -> (input name, output dtype), in output order. config: written as config.json, or None
+    to copy the input's. Every other top-level file of the input that is not a weight file is copied, except those
+    matching a pattern in skip.
+    """
+    sizes = {k: layout.info(src).numel * dt.itemsize for k, (src, dt) in tensors.items()}
+    shards = plan_shards(sizes, parse_size(max_shard_size))
+    names = shard_names(len(shards))
+    stage = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    stage.mkdir()
+    try:
+        with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=out.name, disable=not progress) as bar:
+            for name, keys in zip(names, shards):
+                write_safetensors(stage / name, {k: TensorSource(tensors[k][1], layout.info(tensors[k][0]).shape,
+                                                                 _chunks(layout, *tensors[k], bar))
+                                                 for k in keys})
+        if len(names) > 1:
+            write_index(stage, {k: n for n, keys in zip(names, shards) for k in keys}, sum(sizes.values()))
+        if config is not None:
+            (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for f in sorted(layout.path.iterdir()):
+            if f.is_file() and not (config is not None and f.name == "config.json") and not any(
+                    fnmatch.fnmatch(f.name, p) for p in WEIGHT_PATTERNS + skip):
+                shutil.copyfile(f, stage / f.name)
+        _publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
+
+
+def _chunks(layout: Layout, src: str, dtype: torch.dtype, bar: tqdm) -> Iterator[torch.Tensor]:
+    """The input tensor src as dtype, chunk by chunk; a cast that overflows the new dtype is an error."""
+    file = layout.file(src)
+    for chunk in read_chunks(file, layout.info(src)):
+        if chunk.dtype != dtype:
+            cast = chunk.to(dtype)
+            overflow = torch.isinf(cast) & torch.isfinite(chunk)
+            if overflow.any():
+                raise InputError(f"{src} in {file.name}: {int(overflow.sum())} values overflow {str(dtype).removeprefix('torch.')} (largest "
+                                 f"|x| = {chunk.abs().max().item():.4g}); choose a wider dtype")
+            chunk = cast
+        bar.update(chunk.numel() * chunk.element_size())
+        yield chunk
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Rename the finished stage to out, replacing what was there only once the new folder is in place."""
+    old = None
+    if out.exists() or out.is_symlink():
+        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+        os.replace(out, old)
+    try:
+        os.replace(stage, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()

@@ -1,20 +1,57 @@
-"""Variable-length (packed) attention."""
+"""Attention for packed (variable-length) sequences and for full-sequence causal prefill.
+
+With the triton backend on CUDA and flash-attn installed, half-precision inputs go to flash-attn (varlen for packed
+sequences, no mask ever built); everything else uses PyTorch SDPA. The SDPA paths are the references.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .backend import backend_for, has_module
+
+
+def flash_attn_usable(*tensors: torch.Tensor) -> bool:
+    q = tensors[0]
+    return (backend_for(*tensors, has_backward=True) == "triton" and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16) and has_module("flash_attn"))
+
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      causal: bool = False) -> torch.Tensor:
-    """Attention within each packed sequence: q, k, v [L, heads, D]; sequence i is rows cu[i]:cu[i+1].
+    """Attention within each packed sequence: q, k, v [L, heads, D]; sequence i is rows cu[i]:cu[i+1] (int32).
+    Scale 1/sqrt(D). Returns [L, heads, D]."""
+    if flash_attn_usable(q, k, v):
+        from flash_attn import flash_attn_varlen_func
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=causal)
+    return varlen_attention_reference(q, k, v, cu_seqlens, causal)
 
-    Reference path: one SDPA call per sequence (on CPU this beat one call with a block-diagonal mask by 2x and
-    needs no L x L memory).
-    """
+
+def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                               causal: bool = False) -> torch.Tensor:
+    """One SDPA call per sequence (on CPU this beat one call with a block-diagonal mask by 2x and needs no L x L
+    memory)."""
     bounds = cu_seqlens.tolist()
     outs = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
                                            is_causal=causal).transpose(0, 1)
             for s, e in zip(bounds[:-1], bounds[1:])]
     return torch.cat(outs)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float) -> torch.Tensor:
+    """Full-sequence attention: q, k [B, heads, T, Dqk], v [B, heads, T, Dv] -> [B, heads, T, Dv].
+
+    mask: bool [B, 1, T, T] (True = attend) or None for plain causal. Causal without a mask goes to flash-attn when
+    usable (v is zero-padded to Dqk, which flash-attn 2 requires, and the padding sliced off); else SDPA.
+    """
+    if mask is None and v.shape[-1] <= q.shape[-1] and flash_attn_usable(q, k, v):
+        from flash_attn import flash_attn_func
+        dv = v.shape[-1]
+        v = F.pad(v, (0, q.shape[-1] - dv))
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
+                              causal=True)  # [B, T, heads, Dqk]
+        return out[..., :dv].transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)

@@ -1,9 +1,22 @@
-"""Routed-expert computation: tokens grouped by expert, one SwiGLU per expert, weighted un-permute."""
+"""Routed-expert computation: tokens grouped by expert, one SwiGLU per expert, weighted un-permute.
+
+`moe_experts` is the op the model calls; it picks a path per call:
+- triton: `triton_moe` (grouped GEMM over the stacked weights, SwiGLU in the first GEMM's epilogue);
+- torch, few token-expert pairs (decode): each chosen expert's weights are used in place, one GEMM pair per expert
+  that received tokens, no sort (on CPU this is bound by reading those experts' weights once);
+- torch, many pairs (prefill, training): tokens sorted by expert, two `grouped_mm` calls over all experts (forward
+  and backward), or a loop over only the experts that received tokens where `grouped_mm` is unavailable.
+`moe_experts_reference` is the plain version tests compare to.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .backend import backend_for
+
+FEW_SLOTS_PER_EXPERT = 1  # at most this many token-expert pairs per expert (on average) take the in-place path
 
 
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
@@ -11,9 +24,19 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]) for every token; returns [T, H] in x's dtype.
 
     x [T, H]; ids, weights [T, k]; gate_up_proj [E, 2I, H] (gate rows first); down_proj [E, H, I].
-    Reference path: tokens sorted by expert and a loop over only the experts that received any; expert outputs are
-    scaled by their float32 weights and summed in float32, then cast once (the official inference order).
     """
+    if backend_for(x, weights, gate_up_proj, down_proj) == "triton":
+        from .triton_moe import moe_experts_triton
+        return moe_experts_triton(x, ids, weights, gate_up_proj, down_proj)
+    if ids.numel() <= FEW_SLOTS_PER_EXPERT * gate_up_proj.shape[0]:
+        return moe_experts_few(x, ids, weights, gate_up_proj, down_proj)
+    return moe_experts_grouped(x, ids, weights, gate_up_proj, down_proj)
+
+
+def moe_experts_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
+                          down_proj: torch.Tensor) -> torch.Tensor:
+    """The reference: tokens sorted by expert and a loop over only the experts that received any; expert outputs
+    are scaled by their float32 weights and summed in float32, then cast once (the official inference order)."""
     T, k = ids.shape
     flat = ids.flatten()
     order = flat.argsort(stable=True)  # [T*k] slots grouped by expert
@@ -26,3 +49,65 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
             outs.append(F.linear(F.silu(gate) * up, down_proj[e]))
     y = torch.cat(outs).float() * weights.flatten()[order, None]  # [T*k, H]
     return torch.zeros(T, x.shape[1], device=x.device, dtype=torch.float32).index_add_(0, token, y).to(x.dtype)
+
+
+def moe_experts_few(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
+                    down_proj: torch.Tensor) -> torch.Tensor:
+    """Few token-expert pairs: group them in Python (one small host copy of ids) and run each chosen expert on its
+    tokens with its weights read in place."""
+    T, k = ids.shape
+    slots: dict[int, list[int]] = {}
+    for slot, e in enumerate(ids.flatten().tolist()):
+        slots.setdefault(e, []).append(slot)
+    flat_w = weights.flatten()
+    out = torch.zeros(T, x.shape[1], device=x.device, dtype=torch.float32)
+    for e, s in slots.items():
+        s = torch.tensor(s, device=x.device)
+        token = s // k
+        gate, up = F.linear(x[token], gate_up_proj[e]).chunk(2, dim=-1)
+        out = out.index_add(0, token, F.linear(F.silu(gate) * up, down_proj[e]).float() * flat_w[s, None])
+    return out.to(x.dtype)
+
+
+def dispatch(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-expert slots grouped by expert, without a host sync.
+
+    ids [T, k] -> order [T*k] (slot indices sorted by expert, stable), counts [E] (slots per expert), ends [E]
+    (int32 cumulative counts: expert e owns sorted rows ends[e-1]:ends[e]). Slot s is token s // k.
+    """
+    flat = ids.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return order, counts, counts.cumsum(0).to(torch.int32)
+
+
+def grouped_linear(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """xs [N, in] (rows grouped by expert), w [E, out, in] -> [N, out]: each group times its expert's w.T."""
+    if grouped_mm_usable(xs):
+        return F.grouped_mm(xs, w.transpose(1, 2), offs=ends)
+    return torch.cat([F.linear(xe, w[e]) for e, xe in enumerate(xs.split(counts.tolist())) if xe.shape[0]])
+
+
+def grouped_mm_usable(x: torch.Tensor) -> bool:
+    """torch's grouped GEMM exists for these operands: any float dtype on CPU; bfloat16 on CUDA SM80+."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.device.type == "cpu"
+
+
+def moe_experts_grouped(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
+                        down_proj: torch.Tensor) -> torch.Tensor:
+    """Many token-expert pairs: sort by expert, two grouped GEMMs over the stacked weights, weighted un-permute."""
+    T, k = ids.shape
+    order, counts, ends = dispatch(ids, gate_up_proj.shape[0])
+    token = order // k
+    gate, up = grouped_linear(x[token], gate_up_proj, counts, ends).chunk(2, dim=-1)  # each [T*k, I]
+    y = grouped_linear(F.silu(gate) * up, down_proj, counts, ends)  # [T*k, H]
+    return combine(y, token, weights.flatten()[order], T).to(x.dtype)
+
+
+def combine(y: torch.Tensor, token: torch.Tensor, w: torch.Tensor, T: int) -> torch.Tensor:
+    """The weighted un-permute: out[t] = sum of w[s] * y[s] over the rows s of token t; [T, H] float32."""
+    return torch.zeros(T, y.shape[1], device=y.device, dtype=torch.float32).index_add_(0, token, y.float() * w[:, None])

@@ -6,10 +6,24 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TextConfig
+from .backend import backend_for
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: TextConfig
           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick `num_experts_per_tok` experts per token: ids [T, k] (int64), weights [T, k] (float32).
+
+    x [T, H], weight [E, H], bias [E] or None. Dispatches to the Triton kernel (one pass per token block) or to
+    `route_reference`; the two agree on the chosen set, not on its order within a token.
+    """
+    if backend_for(x, weight) == "triton":
+        from .triton_routing import route_triton
+        return route_triton(x, weight, bias, cfg)
+    return route_reference(x, weight, bias, cfg)
+
+
+def route_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: TextConfig
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick `num_experts_per_tok` experts per token. x [T, H], weight [E, H], bias [E] or None.
 
     Returns ids [T, k] (int64) and weights [T, k] (float32). Scores are sigmoid or softmax of float32 logits; the

@@ -15,8 +15,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(VENV)/bin/python -m kimivl.demo
+# The main job: answer a question about an image. The tiny random checkpoint is made on first use (its answers
+# are random text; point --model at a Kimi-VL-A3B directory for real ones).
+DEMO := runs/demo-tiny
+$(DEMO)/config.json: | $(STAMP)
+	$(VENV)/bin/python -m weights_tools make-tiny $(DEMO)
+
+demo: $(STAMP) $(DEMO)/config.json
+	$(VENV)/bin/kimivl generate --model $(DEMO) --image assets/sample.png --prompt "What is in this image?" \
+		--max-new-tokens 48
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

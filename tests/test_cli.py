@@ -67,3 +67,12 @@ def test_console_script_runs():
     """The installed `kimivl` entry point, as the README uses it (a fresh process)."""
     out = subprocess.run([sys.executable, "-m", "kimivl.cli", "generate", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--max-new-tokens" in out.stdout
+
+
+def test_readme_python_example_runs(tiny_checkpoint, capsys):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("```python", readme.index("## Python")) + len("```python")
+    code = readme[start:readme.index("```", start)]
+    code = code.replace('"runs/demo-tiny"', repr(tiny_checkpoint())).replace('"assets/sample.png"', repr(str(SAMPLE)))
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()

@@ -1,0 +1,177 @@
+"""The torch fast paths of the kernel ops against their references (values and gradients), and the one dispatch point.
+
+Tolerances: float32 throughout; the fast paths do the same float32 arithmetic as the references in another grouping,
+so outputs and gradients agree to rel 1e-5 (max |diff| / max |reference|).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kimivl import KimiVLConfig
+from kimivl.kernels import moe
+from kimivl.kernels.attention import prefill_attention, varlen_attention, varlen_attention_reference
+from kimivl.kernels.backend import BackendError, backend_for
+from kimivl.kernels.moe import moe_experts, moe_experts_few, moe_experts_grouped, moe_experts_reference
+from kimivl.kernels.routing import route, route_reference
+from tests.helpers import rel_err
+
+RTOL = 1e-5
+
+# (tokens, experts, hidden, intermediate, top-k): a single token, top-k equal to the expert count, sizes that are
+# not multiples of anything, and enough tokens that some experts get many rows
+SHAPES = [(1, 8, 16, 12, 3), (5, 4, 16, 12, 4), (37, 8, 24, 20, 3), (64, 16, 32, 8, 2)]
+shape_id = "T{}-E{}-H{}-I{}-k{}".format
+
+
+def moe_inputs(T: int, E: int, H: int, I: int, k: int, seed: int = 0):
+    """x, ids, weights, gate_up_proj, down_proj; expert 1 receives every token and the last expert none (E > k)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen)
+    gate_up = torch.randn(E, 2 * I, H, generator=gen) / H ** 0.5
+    down = torch.randn(E, H, I, generator=gen) / I ** 0.5
+    pool = E - 1 if E > k else E  # the last expert gets no tokens unless every expert is chosen
+    ids = torch.stack([torch.randperm(pool, generator=gen)[:k] for _ in range(T)])
+    if pool > k:
+        has_1 = (ids == 1).any(-1)
+        ids[~has_1, 0] = 1
+    return x, ids, torch.rand(T, k, generator=gen), gate_up, down
+
+
+FAST_PATHS = {"few": moe_experts_few, "grouped": moe_experts_grouped, "dispatch": moe_experts}
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: shape_id(*s))
+def test_moe_fast_paths_match_reference(path, shape):
+    x, ids, w, gate_up, down = moe_inputs(*shape)
+    got = FAST_PATHS[path](x, ids, w, gate_up, down)
+    want = moe_experts_reference(x, ids, w, gate_up, down)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    assert rel_err(got, want) <= RTOL
+
+
+def test_grouped_path_without_grouped_mm_loops_over_used_experts_only(monkeypatch):
+    x, ids, w, gate_up, down = moe_inputs(37, 8, 24, 20, 3)
+    used = set(ids.flatten().tolist())
+    assert len(used) < 8
+    calls = []
+    real_linear = F.linear
+    monkeypatch.setattr(moe, "grouped_mm_usable", lambda x: False)
+    monkeypatch.setattr(moe.F, "linear", lambda a, b: calls.append(a.shape[0]) or real_linear(a, b))
+    got = moe_experts_grouped(x, ids, w, gate_up, down)
+    monkeypatch.undo()
+    assert len(calls) == 2 * len(used) and min(calls) > 0  # two GEMMs per used expert, none for the unused
+    assert rel_err(got, moe_experts_reference(x, ids, w, gate_up, down)) <= RTOL
+
+
+def grads(fn, x, ids, w, gate_up, down, cotangent):
+    inputs = [t.detach().clone().requires_grad_() for t in (x, w, gate_up, down)]
+    out = fn(inputs[0], ids, inputs[1], inputs[2], inputs[3])
+    (out.sum() if cotangent is None else (out * cotangent).sum()).backward()
+    return out, [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("cotangent", ["sum", "random"])  # y.sum() hands backward a stride-0 gradient
+@pytest.mark.parametrize("path", ["few", "grouped", "grouped-loop"])
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: shape_id(*s))
+def test_moe_fast_path_gradients_match_reference(monkeypatch, path, shape, cotangent):
+    x, ids, w, gate_up, down = moe_inputs(*shape)
+    g = None if cotangent == "sum" else torch.randn(x.shape[0], x.shape[1])
+    if path == "grouped-loop":
+        monkeypatch.setattr(moe, "grouped_mm_usable", lambda x: False)
+    fn = moe_experts_few if path == "few" else moe_experts_grouped
+    out, got = grads(fn, x, ids, w, gate_up, down, g)
+    ref_out, want = grads(moe_experts_reference, x, ids, w, gate_up, down, g)
+    assert rel_err(out, ref_out) <= RTOL
+    for name, a, b in zip(["x", "weights", "gate_up_proj", "down_proj"], got, want):
+        assert rel_err(a, b) <= RTOL, name
+    assert got[2][-1].abs().sum() == 0 or shape[1] == shape[4]  # the unused expert gets a zero gradient
+
+
+def test_grouped_mm_is_used_on_cpu(monkeypatch):
+    """The many-token torch path runs torch's grouped GEMM on this machine (the fast path, with backward)."""
+    calls = []
+    real = F.grouped_mm
+    monkeypatch.setattr(moe.F, "grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    moe_experts(*moe_inputs(64, 16, 32, 8, 2))
+    assert len(calls) == 2
+
+
+def test_few_path_reads_each_expert_once(monkeypatch):
+    """Decode: one GEMM pair per distinct chosen expert, each with all of that expert's rows."""
+    x, ids, w, gate_up, down = moe_inputs(3, 8, 16, 12, 2)
+    ids = torch.tensor([[1, 2], [2, 5], [5, 1]])
+    calls = []
+    real_linear = F.linear
+    monkeypatch.setattr(moe.F, "linear", lambda a, b: calls.append(a.shape[0]) or real_linear(a, b))
+    got = moe_experts(x, ids, w, gate_up, down)
+    monkeypatch.undo()
+    assert calls == [2] * 6
+    assert rel_err(got, moe_experts_reference(x, ids, w, gate_up, down)) <= RTOL
+
+
+def test_route_dispatch_is_the_reference_on_cpu():
+    cfg = KimiVLConfig.preset("tiny-grouped").text_config
+    x, weight, bias = torch.randn(9, cfg.hidden_size), torch.randn(cfg.n_routed_experts, cfg.hidden_size), \
+        torch.randn(cfg.n_routed_experts) * 0.1
+    for got, want in zip(route(x, weight, bias, cfg), route_reference(x, weight, bias, cfg)):
+        assert torch.equal(got, want)
+
+
+def test_attention_dispatch_on_cpu_is_sdpa():
+    q, k, v = (torch.randn(30, 2, 8) for _ in range(3))
+    cu = torch.tensor([0, 7, 30], dtype=torch.int32)
+    assert torch.equal(varlen_attention(q, k, v, cu), varlen_attention_reference(q, k, v, cu))
+    # block-diagonal: the second sequence's outputs do not depend on the first one's keys
+    k2 = k.clone()
+    k2[:7] += 1
+    torch.testing.assert_close(varlen_attention(q, k2, v, cu)[7:], varlen_attention(q, k, v, cu)[7:], rtol=0, atol=0)
+    q, k, v = torch.randn(2, 3, 11, 12), torch.randn(2, 3, 11, 12), torch.randn(2, 3, 11, 8)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    assert torch.equal(prefill_attention(q, k, v, None, 0.3), want)
+
+
+def test_backend_choice(monkeypatch):
+    t = torch.zeros(2)
+    monkeypatch.delenv("KIMIVL_BACKEND", raising=False)
+    assert backend_for(t) == "torch"  # CPU tensors: the torch paths
+    monkeypatch.setenv("KIMIVL_BACKEND", "torch")
+    assert backend_for(t) == "torch"
+    monkeypatch.setenv("KIMIVL_BACKEND", "cuda")
+    with pytest.raises(BackendError, match="KIMIVL_BACKEND='cuda' is not a backend"):
+        backend_for(t)
+    monkeypatch.setenv("KIMIVL_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
+        backend_for(t)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend_for(t) == "triton"
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(BackendError, match="forward-only"):
+        backend_for(t, p)
+    assert backend_for(t, p, has_backward=True) == "triton"
+    with torch.no_grad():
+        assert backend_for(t, p) == "triton"
+
+
+def test_import_and_forward_without_triton_or_flash_attn():
+    """`import kimivl` and a CPU forward pass work when triton and flash-attn cannot be imported."""
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None\nsys.modules['flash_attn'] = None\n"  # None in sys.modules: ImportError
+        "import torch, kimivl\n"
+        "from kimivl.model import init_weights\n"
+        "m = kimivl.KimiVLForConditionalGeneration(kimivl.KimiVLConfig.preset('tiny'))\n"
+        "init_weights(m, seed=0)\n"
+        "print(tuple(m(torch.arange(12)[None]).logits.shape))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "KIMIVL_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1, 12, 1280)"

@@ -12,6 +12,7 @@ measured fp32 matmul rate), whichever is larger. Goal: kimivl within 2x of the l
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -89,11 +90,13 @@ def main() -> None:
     E, H, I, k = t.n_routed_experts, t.hidden_size, t.moe_intermediate_size, t.num_experts_per_tok
     expert_bytes = 3 * H * I * 4
     shared_bytes = 3 * H * I * t.n_shared_experts * 4
+    load = os.getloadavg()[0]
     copy_bw, read_bw = memory_bandwidth()
     rate = matmul_rate(H, I)
     bandwidth = max(copy_bw, read_bw)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured: copy {copy_bw / GB:.1f} GB/s "
-          f"(read + write), sum {read_bw / GB:.1f} GB/s (read), fp32 matmul {rate / 1e9:.0f} GFLOP/s")
+          f"(read + write), sum {read_bw / GB:.1f} GB/s (read), fp32 matmul {rate / 1e9:.0f} GFLOP/s; load average "
+          f"before the run {load:.2f}")
     print(f"a3b MoE layer: hidden {H}, {E} experts x {I}, top-{k}, {t.n_shared_experts} shared; float32\n")
 
     names = ["kimivl", *baselines]

@@ -1,54 +1,24 @@
-"""CPU speed of one MoE layer at the a3b widths, against transformers' DeepseekV3MoE and against this machine's limit.
+"""Speed of one MoE layer at the a3b widths, against transformers' DeepseekV3MoE and against this machine's limit.
 
 Both layers hold the same weights (shared Parameters: hidden 2048, 64 routed experts of 1408, top-6, 2 shared experts,
-float32, random router bias). Times are the best of several interleaved runs. The limit is measured in the same
-process: memory (bytes of the weights the tokens touch: the chosen experts + shared experts, over the copy bandwidth,
-counted as bytes read + written, or the read bandwidth of a reduction if higher) or compute (FLOPs over the
-measured fp32 matmul rate), whichever is larger. Goal: kimivl within 2x of the limit at 1 and 512 tokens.
+random router bias). Times are the best of several interleaved runs. The limit is measured in the same process:
+memory (bytes of the weights the tokens touch: the chosen experts + the shared experts, over the measured bandwidth)
+or compute (FLOPs over the measured matmul rate), whichever is larger. Goal on CPU (float32): kimivl within 2x of the
+limit at 1 and 512 tokens. On CUDA the kimivl rows are the triton backend (default there) and KIMIVL_BACKEND=torch.
 
-    .venv/bin/python benchmarks/bench_moe.py [--tokens 1 16 512] [--repeats 7]
+    .venv/bin/python benchmarks/bench_moe.py [--tokens 1 16 512] [--repeats 7] [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
+from limits import best_times, describe, matmul_rate, memory_bandwidth
 
 from kimivl import KimiVLConfig
 from kimivl.decoder import MoE
-
-GB = 1e9
-
-
-def once(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()
-    return min(once(fn) for _ in range(repeats))
-
-
-def memory_bandwidth() -> tuple[float, float]:
-    """(copy bandwidth counting bytes read + written, read bandwidth of a sum) in bytes/s, over 256 MB buffers."""
-    src = torch.randn(64 * 2 ** 20)
-    dst = torch.empty_like(src)
-    nbytes = src.numel() * 4
-    return 2 * nbytes / best_time(lambda: dst.copy_(src), 10), nbytes / best_time(src.sum, 10)
-
-
-def matmul_rate(H: int, I: int) -> float:
-    """Best fp32 FLOP/s of the layer's own GEMM shapes at 512 rows and of a 2048^3 GEMM."""
-    rates = []
-    for m, k, n in [(512, H, 2 * I), (512, I, H), (2048, 2048, 2048)]:
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        rates.append(2 * m * k * n / best_time(lambda: a @ b, 5))
-    return max(rates)
 
 
 def transformers_twin(ours: MoE, experts_implementation: str):
@@ -70,61 +40,69 @@ def transformers_twin(ours: MoE, experts_implementation: str):
     hf.experts.down_proj = ours.experts.down_proj
     for name in ("gate_proj", "up_proj", "down_proj"):
         setattr(hf.shared_experts, name, getattr(ours.shared_experts, name))
-    assert not any(p.is_meta for p in hf.parameters()) and not any(b.is_meta for b in hf.buffers())
+    assert not any(t.is_meta for t in [*hf.parameters(), *hf.buffers()])
     return hf.eval()
+
+
+def with_backend(fn, backend: str):
+    def run():
+        os.environ["KIMIVL_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            del os.environ["KIMIVL_BACKEND"]
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 512])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    os.environ.pop("KIMIVL_BACKEND", None)
 
     torch.manual_seed(0)
     t = KimiVLConfig.preset("a3b").text_config
-    ours = MoE(t).eval()
+    E, H, I, k, S = t.n_routed_experts, t.hidden_size, t.moe_intermediate_size, t.num_experts_per_tok, t.n_shared_experts
+    ours = MoE(t).to(device=device, dtype=dtype).eval()
     with torch.no_grad():
-        ours.gate.e_score_correction_bias.normal_(std=0.01)
-    baselines = {"HF eager": transformers_twin(ours, "eager"), "HF grouped_mm": transformers_twin(ours, "grouped_mm")}
+        ours.gate.e_score_correction_bias.data = torch.randn(E, device=device) * 0.01  # float32, as loaded
+    contenders = {"kimivl": ours}
+    if device.type == "cuda":
+        contenders["kimivl torch"] = with_backend(ours, "torch")
+    contenders |= {"HF eager": transformers_twin(ours, "eager"), "HF grouped_mm": transformers_twin(ours, "grouped_mm")}
 
-    E, H, I, k = t.n_routed_experts, t.hidden_size, t.moe_intermediate_size, t.num_experts_per_tok
-    expert_bytes = 3 * H * I * 4
-    shared_bytes = 3 * H * I * t.n_shared_experts * 4
-    load = os.getloadavg()[0]
-    copy_bw, read_bw = memory_bandwidth()
-    rate = matmul_rate(H, I)
-    bandwidth = max(copy_bw, read_bw)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured: copy {copy_bw / GB:.1f} GB/s "
-          f"(read + write), sum {read_bw / GB:.1f} GB/s (read), fp32 matmul {rate / 1e9:.0f} GFLOP/s; load average "
-          f"before the run {load:.2f}")
-    print(f"a3b MoE layer: hidden {H}, {E} experts x {I}, top-{k}, {t.n_shared_experts} shared; float32\n")
+    bandwidth = memory_bandwidth(device)
+    rate = matmul_rate([(512, H, 2 * I), (512, I, H)], device, dtype)
+    print(describe(device))
+    print(f"measured: memory {bandwidth / 1e9:.1f} GB/s, {args.dtype} matmul {rate / 1e9:.0f} GFLOP/s")
+    print(f"a3b MoE layer: hidden {H}, {E} experts x {I}, top-{k}, {S} shared; {args.dtype}\n")
 
-    names = ["kimivl", *baselines]
+    names = list(contenders)
     header = (f"{'tokens':>6} | " + " | ".join(f"{n + ' ms':>16}" for n in names) + f" | {'limit ms':>8} | "
               + " | ".join(f"{n + '/limit':>19}" for n in names) + f" | {'HF eager/kimivl':>15} | max |diff|")
     print(header)
     print("-" * len(header))
+    expert_bytes = 3 * H * I * dtype.itemsize
     with torch.no_grad():
         for T in args.tokens:
-            x = torch.randn(1, T, H)
-            ids = torch.topk(torch.sigmoid(x[0] @ ours.gate.weight.T) + ours.gate.e_score_correction_bias, k).indices
-            touched = ids.unique().numel() * expert_bytes + shared_bytes
-            flops = 2 * T * (k * 3 * H * I + 3 * H * I * t.n_shared_experts + H * E)
+            x = torch.randn(1, T, H, device=device, dtype=dtype)
+            scores = torch.sigmoid(x[0].float() @ ours.gate.weight.float().T) + ours.gate.e_score_correction_bias
+            touched = (scores.topk(k).indices.unique().numel() + S) * expert_bytes
+            flops = 2 * T * ((k + S) * 3 * H * I + H * E)
             limit = max(touched / bandwidth, flops / rate)
-            fns = {"kimivl": lambda: ours(x), **{n: (lambda m=m: m(x)) for n, m in baselines.items()}}
-            for fn in fns.values():
-                fn()
-            times = {n: float("inf") for n in fns}
-            for _ in range(max(2, args.repeats if T < 256 else args.repeats // 2)):
-                for n, fn in fns.items():  # interleaved, so that machine noise hits every contender alike
-                    times[n] = min(times[n], once(fn))
-            want = baselines["HF eager"](x)
-            diff = max((fns[n]() - want).abs().max().item() for n in ("kimivl", "HF grouped_mm"))
+            fns = {n: (lambda m=m: m(x)) for n, m in contenders.items()}
+            times = best_times(fns, max(2, args.repeats if T < 256 else args.repeats // 2), device)
+            want = fns["HF eager"]().float()
+            diff = max((fns[n]().float() - want).abs().max().item() for n in names if n != "HF eager")
             print(f"{T:>6} | " + " | ".join(f"{times[n] * 1e3:>16.1f}" for n in names) + f" | {limit * 1e3:>8.1f} | "
                   + " | ".join(f"{times[n] / limit:>18.2f}x" for n in names)
                   + f" | {times['HF eager'] / times['kimivl']:>14.2f}x | {diff:.1e}")
-    print(f"\nlimit: max(bytes of the chosen + shared experts' weights / {bandwidth / GB:.1f} GB/s, "
-          f"FLOPs / {rate / 1e9:.0f} GFLOP/s); max |diff| is against HF eager (outputs ~{want.abs().mean():.2f})")
+    print(f"\nlimit = max(bytes of the chosen + shared experts' weights / memory bandwidth, FLOPs / matmul rate); "
+          f"max |diff|: every other row's output against HF eager (outputs ~{want.abs().mean():.2f})")
 
 
 if __name__ == "__main__":

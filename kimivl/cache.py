@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .config import TextConfig
+from .errors import InputError
 
 
 class MLACache:
@@ -42,7 +43,8 @@ class MLACache:
         for queries at those slots: causal, real keys only, and always the query's own slot."""
         start, end = self.length, self.length + T
         if end > self.max_len:
-            raise ValueError(f"the cache holds {self.max_len} tokens; {end} needed")
+            raise InputError(f"the cache holds {self.max_len} tokens; {end} needed: allocate it for the prompt plus "
+                             "every token to be generated")
         self.valid[:, start:end] = True if new_mask is None else new_mask.bool()
         pos = torch.arange(end, device=self.valid.device)
         query = pos[start:, None]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 from .errors import InputError, KimiVLError
@@ -135,16 +134,19 @@ def _system(args: argparse.Namespace) -> list[dict]:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from .processing import load_image
+
     if not args.prompt.strip():
         raise InputError("--prompt is empty")
-    for path in args.image:
-        if not Path(path).is_file():
-            raise InputError(f"image file not found: {path}")
+    for path in args.image:  # before the (slow) model load
+        load_image(path)
     model, processor, config = _load(args)
     _answer(model, processor, _system(args) + [_user_message(args.prompt, args.image)], config, args.no_stream)
 
 
 def _chat(args: argparse.Namespace) -> None:
+    from .processing import load_image
+
     model, processor, config = _load(args)
     print("chat: /image PATH attaches an image to your next message, /reset forgets, /exit quits", file=sys.stderr)
     history, images = _system(args), []
@@ -163,20 +165,23 @@ def _chat(args: argparse.Namespace) -> None:
             continue
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
-            if not Path(path).is_file():
-                print(f"error: image file not found: {path or '(no path given)'}", file=sys.stderr)
-            else:
+            try:
+                load_image(path)
                 images.append(path)
+            except InputError as e:
+                print(f"error: {e}", file=sys.stderr)
             continue
         message = _user_message(line, images)
         try:
-            started = time.perf_counter()
             answer = _answer(model, processor, history + [message], config)
-        except InputError as e:  # a bad image or too long a conversation: say so and keep the session
-            print(f"error: {e}", file=sys.stderr)
+        except InputError as e:  # e.g. too long a conversation: say so and keep the session
+            print(f"error: {e} (/reset starts a new conversation)", file=sys.stderr)
             images = []
             continue
-        logging.debug("turn took %.2f s", time.perf_counter() - started)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+            print("\n[interrupted]", file=sys.stderr)
+            images = []
+            continue
         history += [message, {"role": "assistant", "content": answer}]
         images = []
 

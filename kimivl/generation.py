@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -12,7 +13,6 @@ import torch
 from .cache import MLACache
 from .errors import InputError
 from .model import default_position_ids
-from .tokenizer import held_back, stop_string_at
 
 if TYPE_CHECKING:
     from .model import KimiVLForConditionalGeneration
@@ -33,12 +33,14 @@ class GenerationConfig:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"temperature must be a number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # also false for NaN
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop_strings, str):
+            raise InputError(f"stop_strings must be a list of strings, got the string {self.stop_strings!r}")
 
 
 @dataclass
@@ -92,6 +94,9 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    elif not (bool(attention_mask[:, -1].all()) and bool((attention_mask.diff(dim=-1) >= 0).all())):
+        raise InputError("generation needs left-padded prompts: attention_mask must be 0s then 1s in every row "
+                         "(the processor pads on the left)")
     longest = int(attention_mask.sum(-1).max())
     limit = model.config.text_config.max_position_embeddings
     if longest + cfg.max_new_tokens > limit:
@@ -125,6 +130,23 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
         next_pos = next_pos + 1
         stats.new_tokens += int((~finished).sum())
         stats.decode_seconds += time.perf_counter() - start
+
+
+def stop_string_at(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the earliest stop string starts in text, or None."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of text could still be the start of a stop string (so must not be shown yet)."""
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), keep, -1):
+            if s.startswith(text[-k:]):
+                keep = k
+                break
+    return keep
 
 
 class RowText:
@@ -203,6 +225,8 @@ def _setup(model: "KimiVLForConditionalGeneration", processor: "KimiVLProcessor"
     if tok.vocab_size > model.config.text_config.vocab_size:
         raise InputError(f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
                          f"{model.config.text_config.vocab_size}: they do not belong together")
+    if config is not None and settings:
+        raise InputError(f"give either config or settings ({', '.join(settings)}), not both")
     cfg = config or GenerationConfig(**settings)
     inputs = processor(messages, images=images).to(model.device, dtype=model.dtype)
     stop_ids = sorted(set(tok.stop_ids) | set(model.config.text_config.eos_token_ids))
@@ -214,6 +238,8 @@ def stream(model: "KimiVLForConditionalGeneration", processor: "KimiVLProcessor"
            ) -> TextStream:
     """Answer one conversation, streaming: `for delta in stream(model, processor, messages, max_new_tokens=64)`.
     Settings are GenerationConfig fields."""
+    if not messages or not isinstance(messages[0], dict):
+        raise InputError("stream takes one conversation (a list of messages); use generate for a batch")
     inputs, cfg, stop_ids = _setup(model, processor, messages, images, config, settings)
     stats = GenerationStats()
     tokens = generate_tokens(model, **inputs, config=cfg, stop_ids=stop_ids, pad_id=processor.tokenizer.pad_id,

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import CheckpointError, InputError
-from .tokenizer import KimiTokenizer, check_messages
+from .tokenizer import KimiTokenizer
 
 MEDIA_PAD = "<|media_pad|>"
 
@@ -31,24 +31,30 @@ def _describe(image: Any) -> str:
 
 
 def load_image(image: Any) -> Image.Image:
-    """A PIL image from a PIL image, a path, encoded bytes or an [H, W] / [H, W, C] uint8 array; EXIF orientation
-    applied. Undecodable data, decompression bombs and empty images raise InputError naming the input."""
+    """A PIL image, in its own mode, from a PIL image, a path, encoded bytes or a uint8 [H, W] / [H, W, C] array;
+    EXIF orientation applied. Missing files, undecodable data, decompression bombs and empty images raise
+    InputError naming the input."""
     name = _describe(image)
+    if isinstance(image, (str, os.PathLike)) and not Path(image).is_file():
+        raise InputError(f"image file not found: {image}")
+    is_array = not isinstance(image, Image.Image) and (isinstance(image, torch.Tensor)
+                                                        or hasattr(image, "__array_interface__"))
+    if is_array and (str(image.dtype).removeprefix("torch.") != "uint8" or image.ndim not in (2, 3)):
+        raise InputError(f"cannot use an array of {image.dtype} {list(image.shape)} as an image: give uint8 "
+                         "[H, W] or [H, W, C]")
+    if not is_array and not isinstance(image, (Image.Image, str, os.PathLike, bytes, bytearray)):
+        raise InputError(f"cannot use {name} as an image: give a PIL image, a path, bytes or a uint8 array")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if isinstance(image, Image.Image):
                 img = image
             elif isinstance(image, (str, os.PathLike)):
-                if not Path(image).is_file():
-                    raise InputError(f"image file not found: {image}")
                 img = Image.open(image)
             elif isinstance(image, (bytes, bytearray)):
                 img = Image.open(io.BytesIO(image))
-            elif hasattr(image, "__array_interface__") or isinstance(image, torch.Tensor):
-                img = Image.fromarray(image.numpy() if isinstance(image, torch.Tensor) else image)
             else:
-                raise InputError(f"cannot use {name} as an image: give a PIL image, a path, bytes or a uint8 array")
+                img = Image.fromarray(image.numpy() if isinstance(image, torch.Tensor) else image)
             img.load()
             img = ImageOps.exif_transpose(img)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -57,19 +63,17 @@ def load_image(image: Any) -> Image.Image:
         raise InputError(f"cannot decode image {name}: {e}") from None
     if img.width == 0 or img.height == 0:
         raise InputError(f"image {name} is empty ({img.width}x{img.height})")
-    return to_rgb(img)
+    return img
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, the way the official processor's `convert("RGB")` does it, except that 16-bit and float grayscale are
-    scaled to 8 bits first (PIL would clip them to white)."""
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and float grayscale scaled to 8 bits (a deviation: the official `convert("RGB")` clips them to
+    white); other modes unchanged, so resizing and padding happen in the image's own mode as officially."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-    elif img.mode == "F":
-        img = img.point(lambda v: v * 255).convert("L")
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img if img.mode == "RGB" else img.convert("RGB")
+        return img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    if img.mode == "F":
+        return img.point(lambda v: v * 255).convert("L")
+    return img
 
 
 @dataclass
@@ -112,17 +116,15 @@ class KimiVLImageProcessor:
 
     def preprocess_one(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
         """-> patches [h*w, 3, p, p] float32 and the grid (h, w)."""
-        img = load_image(image)
+        img = to_8bit(load_image(image))
         size = self.target_size(img.width, img.height)
         if size != img.size:
-            img = img.resize(size, Image.Resampling.BICUBIC)
+            img = img.resize(size, Image.Resampling.BICUBIC)  # in the source mode (PIL: P and 1 use nearest)
         p = self.patch_size
-        if self.pad_input:
+        if self.pad_input:  # crop past the edge = pad right and bottom with value 0 in the source mode
             unit = p * self.merge_kernel_size[0], p * self.merge_kernel_size[1]
             w, h = -(-img.width // unit[1]) * unit[1], -(-img.height // unit[0]) * unit[0]
-            padded = Image.new("RGB", (w, h))  # black, as the official constant-0 pad
-            padded.paste(img, (0, 0))
-            img = padded
+            img = img.crop((0, 0, w, h))
         else:  # centre crop to whole patches
             w, h = img.width // p * p, img.height // p * p
             if not w or not h:
@@ -130,6 +132,7 @@ class KimiVLImageProcessor:
                                  f"{p}x{p} patch")
             left, top = (img.width - w) // 2, (img.height - h) // 2
             img = img.crop((left, top, left + w, top + h))
+        img = img.convert("RGB")
         gh, gw = h // p, w // p
         if gh >= self.max_patches_per_side or gw >= self.max_patches_per_side:
             raise InputError(f"image {_describe(image)} gives a {gh}x{gw} patch grid; at most "
@@ -143,7 +146,7 @@ class KimiVLImageProcessor:
         return patches, (gh, gw)
 
     def __call__(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
-        """-> {"pixel_values": [sum of h*w, 3, p, p] float32, "image_grid_hws": [N, 2] int64}."""
+        """-> {"pixel_values": [sum of h*w, 3, p, p] float32, "image_grid_hws": [N, 2] int64}, images in order."""
         out = [self.preprocess_one(image) for image in images]
         p = self.patch_size
         return {"pixel_values": torch.cat([x for x, _ in out]) if out else torch.zeros(0, 3, p, p),
@@ -202,13 +205,15 @@ class KimiVLProcessor:
             raise InputError("give either messages or text")
         if messages is not None:
             batch = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-            for conv in batch:
-                check_messages(conv)
-            prompts = [self.apply_chat_template(conv, add_generation_prompt) for conv in batch]
+            if not batch:
+                raise InputError("no conversations given")
+            prompts = [self.apply_chat_template(conv, add_generation_prompt) for conv in batch]  # checks them too
             inline = [[item.get("image") for m in conv if not isinstance(m["content"], str)
                        for item in m["content"] if item["type"] == "image"] for conv in batch]
         else:
             prompts = [text] if isinstance(text, str) else list(text)
+            if not prompts:
+                raise InputError("no prompts given")
             inline = [[None] * p.count(MEDIA_PAD) for p in prompts]
         if images is None:
             per_prompt = inline
@@ -222,33 +227,32 @@ class KimiVLProcessor:
         return self._encode(prompts, per_prompt)
 
     def _encode(self, prompts: list[str], images: list[list[Any]]) -> ModelInputs:
-        rows, all_images = [], []
         for n, (prompt, imgs) in enumerate(zip(prompts, images)):
-            pieces = prompt.split(MEDIA_PAD)
             where = f"conversation {n}: " if len(prompts) > 1 else ""
-            if len(imgs) != len(pieces) - 1:
-                raise InputError(f"{where}{len(pieces) - 1} image slots in the prompt but {len(imgs)} images given")
-            missing = [i for i, img in enumerate(imgs) if img is None]
-            if missing:
-                raise InputError(f"{where}image item {missing[0]} has no image: give {{'type': 'image', "
+            if len(imgs) != prompt.count(MEDIA_PAD):
+                raise InputError(f"{where}{prompt.count(MEDIA_PAD)} image slots in the prompt but {len(imgs)} images "
+                                 "given")
+            if None in imgs:
+                raise InputError(f"{where}image item {imgs.index(None)} has no image: give {{'type': 'image', "
                                  "'image': path_or_PIL}} or pass images=[...]")
-            feats = [self.image_processor.preprocess_one(img) for img in imgs]
+        pixels = self.image_processor([img for imgs in images for img in imgs])
+        grids = iter(pixels["image_grid_hws"].tolist())
+        rows = []
+        for n, prompt in enumerate(prompts):
+            pieces = prompt.split(MEDIA_PAD)
             ids = self.tokenizer.encode(pieces[0])
-            for (patches, grid), piece in zip(feats, pieces[1:]):
-                ids += [self.media_pad_id] * self.image_processor.num_tokens(grid)
+            for piece in pieces[1:]:
+                ids += [self.media_pad_id] * self.image_processor.num_tokens(next(grids))
                 ids += self.tokenizer.encode(piece)
             if not ids:
-                raise InputError(f"{where}the prompt is empty")
+                raise InputError(f"{f'conversation {n}: ' if len(prompts) > 1 else ''}the prompt is empty")
             rows.append(ids)
-            all_images += feats
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        out = ModelInputs(input_ids=input_ids, attention_mask=attention_mask)
-        if all_images:
-            out["pixel_values"] = torch.cat([x for x, _ in all_images])
-            out["image_grid_hws"] = torch.tensor([g for _, g in all_images], dtype=torch.long)
+        out = ModelInputs(input_ids=torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+                          attention_mask=torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]))
+        if pixels["image_grid_hws"].numel():
+            out.update(pixels)
         return out
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:

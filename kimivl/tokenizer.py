@@ -175,9 +175,14 @@ class KimiTokenizer:
         check_messages(messages)
         if self.chat_template is None:
             return render_chat(messages, add_generation_prompt)
-        return _jinja_template(self.chat_template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token, eos_token=self.eos_token)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return _jinja_template(self.chat_template).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token, eos_token=self.eos_token)
+        except TemplateError as e:
+            raise InputError(f"the checkpoint's chat template failed on this conversation: {e}") from None
 
 
 def _chunks(text: str):
@@ -228,12 +233,20 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True) ->
     return "".join(parts)
 
 
+def _raise_exception(message: str):
+    raise InputError(f"the chat template refused the conversation: {message}")
+
+
 def _jinja_template(source: str):
+    """Compile a checkpoint's template the way transformers does: sandboxed, trimmed blocks, loop controls and a
+    `raise_exception` helper."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise_exception
     try:
-        return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(source)
+        return env.from_string(source)
     except TemplateError as e:
         raise CheckpointError(f"the checkpoint's chat template does not parse: {e}") from None
 
@@ -252,21 +265,3 @@ def split_thinking(text: str) -> tuple[str, str]:
     if end < 0:
         return body.strip(), ""
     return body[:end].strip(), (text[:start] + body[end + len(THINK_END):]).strip()
-
-
-def stop_string_at(text: str, stops: Sequence[str]) -> int | None:
-    """Index where the earliest stop string starts in text, or None."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of text could still be the start of a stop string (so must not be shown yet)."""
-    keep = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), keep, -1):
-            if s.startswith(text[-k:]):
-                keep = k
-                break
-    return keep
-

@@ -45,7 +45,7 @@ def test_generate_bad_input_is_one_line_and_nonzero(tiny_checkpoint, capsys, ext
     assert message in err and err.count("\n") == 1
 
 
-def test_more_image_slots_than_images_and_wrong_model_dir(tiny_checkpoint, tmp_path, capsys):
+def test_wrong_model_dir_and_undecodable_image(tiny_checkpoint, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 1
     assert "is not a directory" in capsys.readouterr().err
     (tmp_path / "img.png").write_bytes(b"garbage")

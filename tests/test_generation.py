@@ -108,6 +108,34 @@ def test_left_padded_batch_matches_each_alone(loaded):
         assert together[row].tolist() == alone[0].tolist(), f"conversation {row}"
 
 
+def test_left_padded_cached_logits_match_each_alone(loaded):
+    """Teacher-forced: three prompts of different lengths (two with images) left-padded into one batch, prefilled
+    and continued for 16 one-token steps through the cache; every row's logits equal those of the row alone."""
+    model, processor = loaded()
+    lm = model.language_model
+    batch = [image_conversation((84, 56), "What is this?", n_images=2),
+             [{"role": "user", "content": "Say something long about nothing in particular, please."}],
+             image_conversation((140, 28), "Colour?")]
+    forced = torch.randint(0, 1000, (3, 16))
+
+    def run(inputs, tokens):
+        B, T = inputs.input_ids.shape
+        cache = MLACache(lm.config, B, T + tokens.shape[1])
+        positions = default_position_ids(inputs.input_ids, inputs.attention_mask)
+        embeds = model.embed(inputs.input_ids, inputs.get("pixel_values"), inputs.get("image_grid_hws"))
+        logits = [lm(embeds, positions, inputs.attention_mask, cache)[:, -1]]
+        for step in range(tokens.shape[1]):
+            logits.append(lm(lm.model.embed_tokens(tokens[:, step:step + 1]), positions[:, -1:] + step + 1, None,
+                             cache)[:, -1])
+        return torch.stack(logits, 1)  # [B, 17, vocab]
+
+    with torch.no_grad():
+        together = run(processor(batch), forced)
+        for row, conv in enumerate(batch):
+            alone = run(processor(conv), forced[row:row + 1])
+            torch.testing.assert_close(together[row:row + 1], alone, rtol=0, atol=1e-4)
+
+
 def test_rows_stop_independently_and_are_padded(loaded):
     model, processor = loaded()
     inputs = processor([[{"role": "user", "content": "one"}], [{"role": "user", "content": "two two"}]])
@@ -224,3 +252,16 @@ def test_bad_generation_input(loaded):
         generate(model, processor, [{"role": "user", "content": [{"type": "image"}]}], images=[])
     with pytest.raises(InputError, match="outside the vocabulary"):
         list(generate_tokens(model, torch.tensor([[5000]])))
+    with pytest.raises(InputError, match="temperature must be a number >= 0, got nan"):
+        generate(model, processor, msgs, temperature=float("nan"))
+    with pytest.raises(InputError, match="stop_strings must be a list"):
+        generate(model, processor, msgs, stop_strings="END")
+    with pytest.raises(InputError, match="either config or settings"):
+        generate(model, processor, msgs, config=GenerationConfig(), max_new_tokens=3)
+    with pytest.raises(InputError, match="one conversation"):
+        stream(model, processor, [msgs, msgs])
+    with pytest.raises(InputError, match="no conversations"):
+        generate(model, processor, [])
+    right_padded = torch.tensor([[5, 6, 7, 0]]), torch.tensor([[1, 1, 1, 0]])
+    with pytest.raises(InputError, match="left-padded"):
+        model.generate(*right_padded, max_new_tokens=2)

@@ -100,30 +100,56 @@ def test_exif_orientation_is_applied():
     assert grid == (6, 4)
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "1", "P", "CMYK", "I;16", "I", "F"])
-def test_modes_become_rgb(mode):
-    src = gradient_image(28, 28)
-    img = src.convert("L").convert(mode) if mode in ("I;16", "I", "F", "1", "LA") else src.convert(mode)
-    patches, grid = KimiVLImageProcessor(image_mean=(0,) * 3, image_std=(1,) * 3).preprocess_one(img)
-    assert grid == (2, 2) and patches.shape == (4, 3, 14, 14)
-    assert 0 <= patches.min() and patches.max() <= 1
+def palette_image(w: int, h: int) -> Image.Image:
+    img = Image.fromarray((np.arange(w * h).reshape(h, w) % 16).astype(np.uint8), mode="L").convert("P")
+    img.putpalette([v for i in range(256) for v in (i * 13 % 256, 255 - i * 7 % 256, (40 + i) % 256)])
+    return img
 
 
-def test_palette_with_transparency_and_16_bit_scaling():
-    p = Image.new("P", (28, 28))
-    p.putpalette([10, 20, 30] + [0, 0, 0] * 255)
-    p.info["transparency"] = 0
-    patches, _ = KimiVLImageProcessor(image_mean=(0,) * 3, image_std=(1,) * 3).preprocess_one(p)
-    assert torch.allclose(patches[0, :, 0, 0], torch.tensor([10, 20, 30]) / 255)
+@pytest.mark.parametrize("make", [
+    lambda: gradient_image(300, 200).convert("RGBA"),
+    lambda: Image.merge("RGBA", (*gradient_image(300, 200).split(), gradient_image(300, 200).split()[1])),
+    lambda: gradient_image(300, 200).convert("LA"),
+    lambda: gradient_image(300, 200).convert("L"),
+    lambda: gradient_image(300, 200).convert("1"),
+    lambda: palette_image(300, 200),
+    lambda: gradient_image(300, 200).convert("CMYK"),
+], ids=["RGBA", "RGBA-alpha", "LA", "L", "1", "P", "CMYK"])
+def test_modes_resize_and_pad_in_source_mode_then_rgb(make):
+    """Spec 6 order: resize and zero-pad in the image's own mode, then convert("RGB") (so P and 1 resize nearest,
+    alpha is premultiplied while resizing, and CMYK padding comes out white)."""
+    img = make()
+    proc = KimiVLImageProcessor(in_token_limit=64, image_mean=(0,) * 3, image_std=(1,) * 3)
+    patches, grid = proc.preprocess_one(img)
+    assert grid == (8, 10)
+    expected = np.array(img.resize((139, 93), Image.Resampling.BICUBIC).crop((0, 0, 140, 112)).convert("RGB"))
+    canvas = patches.view(8, 10, 3, 14, 14).permute(2, 0, 3, 1, 4).reshape(3, 112, 140)
+    torch.testing.assert_close(canvas, torch.from_numpy(expected).permute(2, 0, 1).float() / 255, rtol=0, atol=1e-6)
+
+
+def test_cmyk_padding_is_white_as_officially():
+    patches, _ = KimiVLImageProcessor(image_mean=(0,) * 3, image_std=(1,) * 3).preprocess_one(
+        Image.new("CMYK", (20, 20), (0, 0, 0, 255)))
+    assert patches[0, :, 0, 0].tolist() == [0.0] * 3 and patches[0, :, 0, 13].tolist() == [0.0] * 3
+    assert patches[1, :, 0, 13].tolist() == [1.0] * 3  # x = 27: padding
+
+
+def test_deep_and_float_grayscale_are_scaled_not_clipped():
+    proc = KimiVLImageProcessor(image_mean=(0,) * 3, image_std=(1,) * 3)
     deep = Image.new("I;16", (28, 28), 32768)  # mid grey in 16 bits -> 128 in 8 bits, not clipped to white
-    patches, _ = KimiVLImageProcessor(image_mean=(0,) * 3, image_std=(1,) * 3).preprocess_one(deep)
-    assert torch.allclose(patches[0, :, 0, 0], torch.full((3,), 128 / 255))
+    assert torch.allclose(proc.preprocess_one(deep)[0][0, :, 0, 0], torch.full((3,), 128 / 255))
+    flt = Image.new("F", (28, 28), 0.25)
+    assert torch.allclose(proc.preprocess_one(flt)[0][0, :, 0, 0], torch.full((3,), 64 / 255), atol=1 / 255)
 
 
 def test_bad_images_raise_clear_errors(tmp_path, monkeypatch):
     proc = KimiVLImageProcessor()
-    with pytest.raises(InputError, match="not found: .*missing.png"):
+    with pytest.raises(InputError, match=r"^image file not found: .*missing.png$"):
         proc.preprocess_one(tmp_path / "missing.png")
+    with pytest.raises(InputError, match=r"^image file not found: "):
+        proc.preprocess_one(tmp_path)  # a directory
+    with pytest.raises(InputError, match=r"^cannot use an array of float32 \[4, 4, 3\] as an image: give uint8"):
+        proc.preprocess_one(np.zeros((4, 4, 3), np.float32))
     (tmp_path / "garbage.png").write_bytes(b"not an image at all")
     with pytest.raises(InputError, match="cannot decode image .*garbage.png"):
         proc.preprocess_one(tmp_path / "garbage.png")
@@ -131,7 +157,7 @@ def test_bad_images_raise_clear_errors(tmp_path, monkeypatch):
         proc.preprocess_one(b"not an image at all")
     with pytest.raises(InputError, match="empty"):
         proc.preprocess_one(Image.new("RGB", (0, 10)))
-    with pytest.raises(InputError, match="cannot use <dict>"):
+    with pytest.raises(InputError, match="^cannot use <dict> as an image"):
         proc.preprocess_one({"x": 1})
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels is now a bomb
@@ -234,6 +260,23 @@ def test_checkpoint_template_is_used(tiny_checkpoint, tmp_path):
     assert KimiTokenizer.from_pretrained(tmp_path).apply_chat_template(CONVERSATIONS[2]) == "[system][user][assistant][user]"
 
 
+def test_checkpoint_template_features_and_errors(tiny_checkpoint, tmp_path):
+    shutil.copy(f"{tiny_checkpoint()}/tiktoken.model", tmp_path)
+    config = json.loads(open(f"{tiny_checkpoint()}/tokenizer_config.json").read())
+    config["chat_template"] = ("{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}{{ m['role'] }};"
+                               "{% endfor %}{% if messages[-1]['role'] == 'assistant' %}"
+                               "{{ raise_exception('last message is the assistant') }}{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = KimiTokenizer.from_pretrained(tmp_path)
+    assert tok.apply_chat_template(CONVERSATIONS[2]) == "system;user;"  # loop controls work
+    with pytest.raises(InputError, match="refused the conversation: last message is the assistant"):
+        tok.apply_chat_template(CONVERSATIONS[3])
+    config["chat_template"] = "{{ messages[0]['content'] | nosuchfilter }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="chat template does not parse"):
+        KimiTokenizer.from_pretrained(tmp_path).apply_chat_template(CONVERSATIONS[1])
+
+
 @pytest.mark.parametrize("bad, match", [
     ([], "empty"), ([{"role": "tool", "content": "x"}], "role 'tool'"), ([{"content": "x"}], "'role' and 'content'"),
     ([{"role": "user", "content": [{"type": "video"}]}], "expected"), ([{"role": "user", "content": 3}], "string or"),
@@ -293,6 +336,10 @@ def test_image_count_mismatch_and_missing_images(processor, tmp_path):
         processor([{"role": "user", "content": [{"type": "image", "image": tmp_path / "nope.jpg"}]}])
     with pytest.raises(InputError, match="empty"):
         processor(text="")
+    with pytest.raises(InputError, match="no conversations"):
+        processor([])
+    with pytest.raises(InputError, match="no prompts"):
+        processor(text=[])
 
 
 def test_processor_output_runs_through_the_model(tiny_checkpoint, processor):

@@ -75,7 +75,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
-CHUNK_BYTES = 64 * 2 ** 20
+CHUNK_BYTES = 8 * 2 ** 20
 
 
 @dataclass(frozen=True)

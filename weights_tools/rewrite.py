@@ -1,7 +1,7 @@
 """Rewrite a checkpoint into a new directory, streaming: reshard, convert dtype, or (export.py) rename.
 
 One writer serves them all: tensors go from the input files to the output shards chunk by chunk, so memory holds
-one chunk (64 MiB), never a tensor or a shard. The output is built in a hidden folder next to OUT and renamed to
+one chunk (8 MiB), never a tensor or a shard. The output is built in a hidden folder next to OUT and renamed to
 OUT only when complete; on any failure the folder is removed and OUT is left as it was. The input is only read.
 """
 
@@ -21,6 +21,8 @@ from tqdm import tqdm
 from kimivl.checkpoint import (KEEP_FLOAT32, Layout, TensorInfo, TensorSource, parse_dtype, parse_size, plan_shards,
                                read_chunks, read_layout, shard_names, write_index, write_safetensors)
 from kimivl.errors import InputError
+
+from .verify import all_finite
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
 DTYPE_CHOICES = ("bfloat16", "float16", "float32")
@@ -121,8 +123,8 @@ def _chunks(layout: Layout, src: str, dtype: torch.dtype, bar: tqdm) -> Iterator
     for chunk in read_chunks(file, layout.info(src)):
         if chunk.dtype != dtype:
             cast = chunk.to(dtype)
-            overflow = torch.isinf(cast) & torch.isfinite(chunk)
-            if overflow.any():
+            overflow = None if all_finite(cast) else torch.isinf(cast) & torch.isfinite(chunk)
+            if overflow is not None and overflow.any():
                 raise InputError(f"{src} in {file.name}: {int(overflow.sum())} values overflow {str(dtype).removeprefix('torch.')} (largest "
                                  f"|x| = {chunk.abs().max().item():.4g}); choose a wider dtype")
             chunk = cast

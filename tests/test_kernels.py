@@ -17,7 +17,7 @@ from kimivl import KimiVLConfig
 from kimivl.kernels import moe
 from kimivl.kernels.attention import prefill_attention, varlen_attention, varlen_attention_reference
 from kimivl.kernels.backend import BackendError, backend_for
-from kimivl.kernels.moe import moe_experts, moe_experts_few, moe_experts_grouped, moe_experts_reference
+from kimivl.kernels.moe import moe_experts, moe_experts_grouped, moe_experts_reference
 from kimivl.kernels.routing import route, route_reference
 from tests.helpers import rel_err
 
@@ -43,14 +43,10 @@ def moe_inputs(T: int, E: int, H: int, I: int, k: int, seed: int = 0):
     return x, ids, torch.rand(T, k, generator=gen), gate_up, down
 
 
-FAST_PATHS = {"few": moe_experts_few, "grouped": moe_experts_grouped, "dispatch": moe_experts}
-
-
-@pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: shape_id(*s))
-def test_moe_fast_paths_match_reference(path, shape):
+def test_moe_fast_path_matches_reference(shape):
     x, ids, w, gate_up, down = moe_inputs(*shape)
-    got = FAST_PATHS[path](x, ids, w, gate_up, down)
+    got = moe_experts(x, ids, w, gate_up, down)
     want = moe_experts_reference(x, ids, w, gate_up, down)
     assert got.dtype == x.dtype and got.shape == want.shape
     assert rel_err(got, want) <= RTOL
@@ -78,15 +74,14 @@ def grads(fn, x, ids, w, gate_up, down, cotangent):
 
 
 @pytest.mark.parametrize("cotangent", ["sum", "random"])  # y.sum() hands backward a stride-0 gradient
-@pytest.mark.parametrize("path", ["few", "grouped", "grouped-loop"])
+@pytest.mark.parametrize("path", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: shape_id(*s))
 def test_moe_fast_path_gradients_match_reference(monkeypatch, path, shape, cotangent):
     x, ids, w, gate_up, down = moe_inputs(*shape)
     g = None if cotangent == "sum" else torch.randn(x.shape[0], x.shape[1])
-    if path == "grouped-loop":
+    if path == "loop":
         monkeypatch.setattr(moe, "grouped_mm_usable", lambda x: False)
-    fn = moe_experts_few if path == "few" else moe_experts_grouped
-    out, got = grads(fn, x, ids, w, gate_up, down, g)
+    out, got = grads(moe_experts_grouped, x, ids, w, gate_up, down, g)
     ref_out, want = grads(moe_experts_reference, x, ids, w, gate_up, down, g)
     assert rel_err(out, ref_out) <= RTOL
     for name, a, b in zip(["x", "weights", "gate_up_proj", "down_proj"], got, want):
@@ -94,26 +89,14 @@ def test_moe_fast_path_gradients_match_reference(monkeypatch, path, shape, cotan
     assert got[2][-1].abs().sum() == 0 or shape[1] == shape[4]  # the unused expert gets a zero gradient
 
 
-def test_grouped_mm_is_used_on_cpu(monkeypatch):
-    """The many-token torch path runs torch's grouped GEMM on this machine (the fast path, with backward)."""
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_grouped_mm_is_used_on_cpu(monkeypatch, tokens):
+    """The torch path runs torch's grouped GEMM on this machine, for decode and prefill alike."""
     calls = []
     real = F.grouped_mm
     monkeypatch.setattr(moe.F, "grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    moe_experts(*moe_inputs(64, 16, 32, 8, 2))
+    moe_experts(*moe_inputs(tokens, 16, 32, 8, 2))
     assert len(calls) == 2
-
-
-def test_few_path_reads_each_expert_once(monkeypatch):
-    """Decode: one GEMM pair per distinct chosen expert, each with all of that expert's rows."""
-    x, ids, w, gate_up, down = moe_inputs(3, 8, 16, 12, 2)
-    ids = torch.tensor([[1, 2], [2, 5], [5, 1]])
-    calls = []
-    real_linear = F.linear
-    monkeypatch.setattr(moe.F, "linear", lambda a, b: calls.append(a.shape[0]) or real_linear(a, b))
-    got = moe_experts(x, ids, w, gate_up, down)
-    monkeypatch.undo()
-    assert calls == [2] * 6
-    assert rel_err(got, moe_experts_reference(x, ids, w, gate_up, down)) <= RTOL
 
 
 def test_route_dispatch_is_the_reference_on_cpu():

@@ -104,7 +104,8 @@ def main() -> None:
     if args.child:  # one measured operation, in its own process
         what, *rest = args.child
         if what == "write":
-            write_synthetic(Path(rest[0]), synthetic_config(args.text_layers, args.vision_layers), args.input_shard_size)
+            config = synthetic_config(args.text_layers, args.vision_layers)
+            write_synthetic(Path(rest[0]), config, args.input_shard_size)
         else:
             naive_reshard(Path(rest[0]), Path(rest[1]), args.max_shard_size)
         return
@@ -120,7 +121,8 @@ def main() -> None:
         (f"write synthetic ({args.input_shard_size} shards)", me + ["--child", "write", str(src)], src),
         ("inspect (headers only)", tool + ["inspect", str(src)], None),
         ("verify --scan", tool + ["verify", str(src), "--scan"], None),
-        (f"reshard {args.max_shard_size}", tool + ["reshard", str(src), str(work / "reshard"), *size], work / "reshard"),
+        (f"reshard {args.max_shard_size}", tool + ["reshard", str(src), str(work / "reshard"), *size],
+         work / "reshard"),
         (f"convert float32 {args.max_shard_size}", tool + ["convert", str(src), str(work / "convert"), "--dtype",
                                                           "float32", *size], work / "convert"),
         ("export-text", tool + ["export-text", str(src), str(work / "export"), *size], work / "export"),

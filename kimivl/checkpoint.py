@@ -72,7 +72,8 @@ def _indexed_shape(shape: tuple[int, ...], idx: Index) -> tuple[int, ...]:
 # ---- safetensors files: headers, and data in bounded memory -----------------------------------------------------
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+          "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+          "U8": torch.uint8, "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 CHUNK_BYTES = 8 * 2 ** 20
@@ -324,7 +325,7 @@ def read_headers(path: Path, files: list[str], index: dict[str, str] | None
                 problem = f"{f}: cannot read it ({e.strerror or e})"
         held = [k for k, v in (index or {}).items() if v == f]
         if held:
-            problem += f"; it should hold {len(held)} tensors: " + ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            problem += f"; it should hold {len(held)} tensors: " + ", ".join(held[:3]) + (", ..." * (len(held) > 3))
         problems.append(problem)
     return headers, problems
 

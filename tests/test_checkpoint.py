@@ -25,8 +25,9 @@ def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_make_tiny_writes_a_sharded_official_checkpoint(tmp_path):
     assert weights_tools_main(["make-tiny", str(tmp_path / "t"), "--seed", "3"]) == 0
     files = sorted(p.name for p in (tmp_path / "t").iterdir())
-    assert files == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                     INDEX_NAME, "preprocessor_config.json"]
+    assert files == ["chat_template.jinja", "config.json", "model-00001-of-00002.safetensors",
+                     "model-00002-of-00002.safetensors", INDEX_NAME, "preprocessor_config.json", "tiktoken.model",
+                     "tokenizer_config.json"]
     index = json.loads((tmp_path / "t" / INDEX_NAME).read_text())
     on_disk = {}
     for f in set(index["weight_map"].values()):

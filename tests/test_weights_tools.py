@@ -20,7 +20,7 @@ from kimivl.checkpoint import INDEX_NAME, expected_tensors, read_chunks, read_he
 from kimivl.model import parameter_counts
 from weights_tools.__main__ import main
 from weights_tools.inspection import inspect_checkpoint
-from weights_tools.verify import verify
+from weights_tools.verify import all_finite, verify
 
 BIAS = "language_model.model.layers.1.mlp.gate.e_score_correction_bias"
 
@@ -182,6 +182,13 @@ def test_verify_clean_then_scan_finds_nan_and_inf(src, capsys):
     code, out, err = run(capsys, "verify", src, "--scan")
     assert code == 1 and out == f"{key} in {shard_of(src, key).name}: 1 NaN and 2 Inf values of 2048\n"
     assert "1 problems" in err
+
+
+def test_all_finite_is_exact():
+    assert all_finite(torch.tensor([3e38, 3e38]))  # the float32 sum overflows, yet every value is finite
+    assert all_finite(torch.arange(4)) and all_finite(torch.randn(100).bfloat16())
+    assert not all_finite(torch.tensor([1.0, float("nan")]).bfloat16())
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")]))  # opposite infinities do not cancel
 
 
 def test_verify_wants_the_config_dtype(src):

@@ -59,11 +59,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.dir}: {len(problems)} problems" if problems else f"{args.dir}: ok",
               file=sys.stderr if problems else sys.stdout)
         return 1 if problems else 0
-    elif args.command in ("reshard", "convert"):
-        from .rewrite import rewrite
-        out = rewrite(args.dir, args.out, max_shard_size=args.max_shard_size, dtype=getattr(args, "dtype", None),
-                      force=args.force, progress=True)
-        print(f"wrote {out}")
+    elif args.command == "reshard":
+        from .rewrite import reshard
+        print(f"wrote {reshard(args.dir, args.out, args.max_shard_size, force=args.force, progress=True)}")
+    elif args.command == "convert":
+        from .rewrite import convert
+        out = convert(args.dir, args.out, args.dtype, max_shard_size=args.max_shard_size, force=args.force,
+                      progress=True)
+        print(f"wrote {out} ({args.dtype})")
     elif args.command == "export-text":
         from .export import export_text
         out = export_text(args.dir, args.out, max_shard_size=args.max_shard_size, force=args.force, progress=True)
@@ -82,8 +85,8 @@ def format_summary(s: dict) -> str:
     found = sorted(set(e["routed_found"].values()))
     lines = [
         f"{s['path']}: {c['model_type']}, torch_dtype {c['torch_dtype']}",
-        f"  vision   {v['layers']} layers, hidden {v['hidden_size']}, {v['heads']} heads, MLP {v['intermediate_size']}, "
-        f"patch {v['patch_size']}, merge {'x'.join(map(str, v['merge_kernel_size']))}",
+        f"  vision   {v['layers']} layers, hidden {v['hidden_size']}, {v['heads']} heads, MLP "
+        f"{v['intermediate_size']}, patch {v['patch_size']}, merge {'x'.join(map(str, v['merge_kernel_size']))}",
         f"  decoder  {t['layers']} layers ({t['dense_layers']} dense + {t['moe_layers']} MoE), hidden "
         f"{t['hidden_size']}, {t['heads']} heads, vocab {t['vocab_size']}, kv_lora_rank {t['kv_lora_rank']}, "
         f"q_lora_rank {t['q_lora_rank']}, context {t['max_position_embeddings']}",

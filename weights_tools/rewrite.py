@@ -123,10 +123,11 @@ def _chunks(layout: Layout, src: str, dtype: torch.dtype, bar: tqdm) -> Iterator
     for chunk in read_chunks(file, layout.info(src)):
         if chunk.dtype != dtype:
             cast = chunk.to(dtype)
-            overflow = None if all_finite(cast) else torch.isinf(cast) & torch.isfinite(chunk)
-            if overflow is not None and overflow.any():
-                raise InputError(f"{src} in {file.name}: {int(overflow.sum())} values overflow {str(dtype).removeprefix('torch.')} (largest "
-                                 f"|x| = {chunk.abs().max().item():.4g}); choose a wider dtype")
+            overflow = 0 if all_finite(cast) else int((torch.isinf(cast) & torch.isfinite(chunk)).sum())
+            if overflow:
+                name = str(dtype).removeprefix("torch.")
+                raise InputError(f"{src} in {file.name}: {overflow} values overflow {name} (largest |x| = "
+                                 f"{chunk.abs().max().item():.4g}); choose a wider dtype")
             chunk = cast
         bar.update(chunk.numel() * chunk.element_size())
         yield chunk

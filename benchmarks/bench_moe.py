@@ -1,9 +1,9 @@
 """Speed of one MoE layer at the a3b widths, against transformers' DeepseekV3MoE and against this machine's limit.
 
 Both layers hold the same weights (shared Parameters: hidden 2048, 64 routed experts of 1408, top-6, 2 shared experts,
-random router bias). Times are the best of several interleaved runs. The limit is measured in the same process:
-memory (bytes of the weights the tokens touch: the chosen experts + the shared experts, over the measured bandwidth)
-or compute (FLOPs over the measured matmul rate), whichever is larger. Goal on CPU (float32): kimivl within 2x of the
+random router bias). Times are the best of several interleaved rounds. The limit is measured in the same rounds:
+memory (bytes of the weights the tokens touch: the chosen experts + the shared experts, over the bandwidth of a 256 MB
+copy or sum) or compute (FLOPs over the rate of the fastest plain GEMM), whichever is larger. Goal on CPU (float32): kimivl within 2x of the
 limit at 1 and 512 tokens. On CUDA the kimivl rows are the triton backend (default there) and KIMIVL_BACKEND=torch.
 
     .venv/bin/python benchmarks/bench_moe.py [--tokens 1 16 512] [--repeats 7] [--device cuda --dtype bfloat16]
@@ -15,7 +15,7 @@ import argparse
 import os
 
 import torch
-from limits import best_times, describe, matmul_rate, memory_bandwidth
+from limits import Machine, best_times, describe
 
 from kimivl import KimiVLConfig
 from kimivl.decoder import MoE
@@ -75,15 +75,14 @@ def main() -> None:
         contenders["kimivl torch"] = with_backend(ours, "torch")
     contenders |= {"HF eager": transformers_twin(ours, "eager"), "HF grouped_mm": transformers_twin(ours, "grouped_mm")}
 
-    bandwidth = memory_bandwidth(device)
-    rate = matmul_rate([(512, H, 2 * I), (512, I, H)], device, dtype)
+    machine = Machine(device, dtype, [(512, H, 2 * I), (512, I, H)])
     print(describe(device))
-    print(f"measured: memory {bandwidth / 1e9:.1f} GB/s, {args.dtype} matmul {rate / 1e9:.0f} GFLOP/s")
     print(f"a3b MoE layer: hidden {H}, {E} experts x {I}, top-{k}, {S} shared; {args.dtype}\n")
 
     names = list(contenders)
     header = (f"{'tokens':>6} | " + " | ".join(f"{n + ' ms':>16}" for n in names) + f" | {'limit ms':>8} | "
-              + " | ".join(f"{n + '/limit':>19}" for n in names) + f" | {'HF eager/kimivl':>15} | max |diff|")
+              + " | ".join(f"{n + '/limit':>19}" for n in names) + f" | {'HF eager/kimivl':>15} | "
+              f"{'GB/s':>5} | {'GFLOP/s':>7} | max |diff|")
     print(header)
     print("-" * len(header))
     expert_bytes = 3 * H * I * dtype.itemsize
@@ -93,16 +92,18 @@ def main() -> None:
             scores = torch.sigmoid(x[0].float() @ ours.gate.weight.float().T) + ours.gate.e_score_correction_bias
             touched = (scores.topk(k).indices.unique().numel() + S) * expert_bytes
             flops = 2 * T * ((k + S) * 3 * H * I + H * E)
-            limit = max(touched / bandwidth, flops / rate)
             fns = {n: (lambda m=m: m(x)) for n, m in contenders.items()}
-            times = best_times(fns, max(2, args.repeats if T < 256 else args.repeats // 2), device)
+            times = best_times(fns | machine.probes(), max(2, args.repeats if T < 256 else args.repeats // 2), device)
+            bandwidth, rate = machine.bandwidth(times), machine.matmul_rate(times)
+            limit = max(touched / bandwidth, flops / rate)
             want = fns["HF eager"]().float()
             diff = max((fns[n]().float() - want).abs().max().item() for n in names if n != "HF eager")
             print(f"{T:>6} | " + " | ".join(f"{times[n] * 1e3:>16.1f}" for n in names) + f" | {limit * 1e3:>8.1f} | "
                   + " | ".join(f"{times[n] / limit:>18.2f}x" for n in names)
-                  + f" | {times['HF eager'] / times['kimivl']:>14.2f}x | {diff:.1e}")
-    print(f"\nlimit = max(bytes of the chosen + shared experts' weights / memory bandwidth, FLOPs / matmul rate); "
-          f"max |diff|: every other row's output against HF eager (outputs ~{want.abs().mean():.2f})")
+                  + f" | {times['HF eager'] / times['kimivl']:>14.2f}x | {bandwidth / 1e9:>5.1f} | {rate / 1e9:>7.0f} | "
+                  f"{diff:.1e}")
+    print(f"\nlimit = max(bytes of the chosen + shared experts' weights / GB/s, FLOPs / GFLOP/s), both measured in the "
+          f"row's rounds; max |diff|: every other row's output against HF eager (outputs ~{want.abs().mean():.2f})")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Timing and this machine's limits, measured inside the benchmark process (shared by bench_moe and bench_vision)."""
+"""Timing and this machine's limits, measured inside the benchmark process (shared by bench_moe and bench_vision).
+
+The limit probes (a memory copy, a reduction, plain GEMMs) run in the same interleaved rounds as the contenders, so
+that a busy moment (other processes, a shared host) slows probes and contenders alike instead of skewing the ratio.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +24,7 @@ def once(fn, device: torch.device) -> float:
 
 
 def best_times(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
-    """Best time of each fn over `repeats` rounds after a warm-up call; rounds interleave the fns, so machine noise
-    (other processes, a shared host) hits every contender alike."""
+    """Best time of each fn over `repeats` interleaved rounds, after a warm-up call of each."""
     for fn in fns.values():
         fn()
     best = {name: float("inf") for name in fns}
@@ -31,21 +34,28 @@ def best_times(fns: dict, repeats: int, device: torch.device) -> dict[str, float
     return best
 
 
-def memory_bandwidth(device: torch.device) -> float:
-    """Bytes/s: the larger of a 256 MB copy (bytes read + written) and a 256 MB sum (bytes read)."""
-    src = torch.randn(64 * 2 ** 20, device=device)
-    dst = torch.empty_like(src)
-    t = best_times({"copy": lambda: dst.copy_(src), "sum": src.sum}, 10, device)
-    return max(2 * src.nbytes / t["copy"], src.nbytes / t["sum"])
+class Machine:
+    """Probes of the memory bandwidth and the matmul rate; their times go into `best_times` with the contenders."""
 
+    def __init__(self, device: torch.device, dtype: torch.dtype, gemm_shapes: list[tuple[int, int, int]]):
+        self.src = torch.randn(64 * 2 ** 20, device=device)  # 256 MB
+        self.dst = torch.empty_like(self.src)
+        self.gemms = {(m, k, n): (torch.randn(m, k, device=device, dtype=dtype),
+                                  torch.randn(k, n, device=device, dtype=dtype))
+                      for m, k, n in [*gemm_shapes, (2048, 2048, 2048)]}
 
-def matmul_rate(shapes: list[tuple[int, int, int]], device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s: the best of plain GEMMs of the given (m, k, n) shapes and 2048^3."""
-    rates = []
-    for m, k, n in [*shapes, (2048, 2048, 2048)]:
-        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-        rates.append(2 * m * k * n / best_times({"mm": lambda: a @ b}, 5, device)["mm"])
-    return max(rates)
+    def probes(self) -> dict:
+        fns = {"probe copy": lambda: self.dst.copy_(self.src), "probe sum": self.src.sum}
+        fns |= {f"probe mm {m}x{k}x{n}": (lambda a=a, b=b: a @ b) for (m, k, n), (a, b) in self.gemms.items()}
+        return fns
+
+    def bandwidth(self, times: dict[str, float]) -> float:
+        """Bytes/s: the larger of the copy (bytes read + written) and the sum (bytes read)."""
+        return max(2 * self.src.nbytes / times["probe copy"], self.src.nbytes / times["probe sum"])
+
+    def matmul_rate(self, times: dict[str, float]) -> float:
+        """FLOP/s of the fastest probe GEMM."""
+        return max(2 * m * k * n / times[f"probe mm {m}x{k}x{n}"] for m, k, n in self.gemms)
 
 
 def describe(device: torch.device) -> str:

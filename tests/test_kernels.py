@@ -107,14 +107,23 @@ def test_route_dispatch_is_the_reference_on_cpu():
         assert torch.equal(got, want)
 
 
-def test_attention_dispatch_on_cpu_is_sdpa():
-    q, k, v = (torch.randn(30, 2, 8) for _ in range(3))
-    cu = torch.tensor([0, 7, 30], dtype=torch.int32)
-    assert torch.equal(varlen_attention(q, k, v, cu), varlen_attention_reference(q, k, v, cu))
-    # block-diagonal: the second sequence's outputs do not depend on the first one's keys
-    k2 = k.clone()
-    k2[:7] += 1
-    torch.testing.assert_close(varlen_attention(q, k2, v, cu)[7:], varlen_attention(q, k, v, cu)[7:], rtol=0, atol=0)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_attention_matches_reference(causal):
+    """The CPU path (fused SDPA kernel on 4-D views) against the reference (SDPA's math path on 3-D inputs) and a
+    written-out softmax(q k^T / sqrt(D)) v per sequence; sequences of 1, 7, 40 and 70 rows."""
+    q, k, v = (torch.randn(118, 3, 72, dtype=torch.float64).float() for _ in range(3))
+    cu = torch.tensor([0, 1, 8, 48, 118], dtype=torch.int32)
+    got = varlen_attention(q, k, v, cu, causal)
+    assert rel_err(got, varlen_attention_reference(q, k, v, cu, causal)) <= RTOL
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        scores = torch.einsum("qhd,khd->hqk", q[s:e].double(), k[s:e].double()) / 72 ** 0.5
+        if causal:
+            scores = scores.masked_fill(torch.ones(e - s, e - s, dtype=torch.bool).triu(1), float("-inf"))
+        want = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[s:e].double())
+        assert rel_err(got[s:e], want) <= RTOL
+
+
+def test_prefill_attention_on_cpu_is_sdpa():
     q, k, v = torch.randn(2, 3, 11, 12), torch.randn(2, 3, 11, 12), torch.randn(2, 3, 11, 8)
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
     assert torch.equal(prefill_attention(q, k, v, None, 0.3), want)

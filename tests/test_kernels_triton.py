@@ -8,6 +8,8 @@ different order.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -143,3 +145,51 @@ def test_tiny_model_same_logits_with_triton_backend(monkeypatch, spies, report):
     err = rel_err(logits["triton"], logits["torch"])
     report("max |logits triton - torch| / max |torch|", f"{err:.1e}")
     assert err <= RTOL and logits["torch"].std() > 0.1
+
+
+COMPILE_FOR_GPU = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kimivl.kernels import triton_moe, triton_routing
+
+i64, i32 = "*i64", "i32"
+meta = {"block_expert_ptr": i64, "block_first_ptr": i64, "starts_ptr": i64, "ends_ptr": "*i32"}
+gemm = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "PRECISION": "ieee"}
+kernels = [
+    (triton_routing._route_kernel,
+     {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*fp32", "ids_ptr": i64, "wout_ptr": "*fp32", "T": i32, "H": i32,
+      "stride_x": i32, "stride_w": i32, "scale": "fp32"},
+     {"E": 64, "K": 6, "HAS_BIAS": True, "SOFTMAX": False, "N_GROUP": 4, "TOPK_GROUP": 2, "GROUP_TOP2": True,
+      "NORM": True, "BLOCK_T": 16, "BLOCK_E": 64, "BLOCK_G": 4, "BLOCK_K": 8, "BLOCK_H": 64, "PRECISION": "ieee"}),
+    (triton_moe._gate_up_kernel,
+     {"x_ptr": "*bf16", "order_ptr": i64, "w_ptr": "*bf16", "h_ptr": "*bf16", **meta, "E": i32, "H": i32, "I": i32,
+      "stride_x": i32, "stride_we": i32, "stride_wn": i32, "stride_h": i32},
+     {"TOP_K": 6, **gemm}),
+    (triton_moe._down_kernel,
+     {"h_ptr": "*bf16", "w_ptr": "*bf16", "order_ptr": i64, "slot_w_ptr": "*fp32", "y_ptr": "*fp32", **meta,
+      "E": i32, "H": i32, "I": i32, "stride_h": i32, "stride_we": i32, "stride_wn": i32, "stride_y": i32},
+     gemm),
+    (triton_moe._combine_kernel,
+     {"y_ptr": "*fp32", "row_of_slot_ptr": i64, "out_ptr": "*bf16", "T": i32, "H": i32, "stride_y": i32,
+      "stride_out": i32},
+     {"TOP_K": 6, "BLOCK_T": 16, "BLOCK_H": 64}),
+]
+for fn, signature, constants in kernels:
+    signature = {**signature, **{name: "constexpr" for name in constants}}
+    assert list(signature) == fn.arg_names, (fn.arg_names, list(signature))
+    compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 80, 32))
+    print(fn.__name__, len(compiled.asm["cubin"]))
+"""
+
+
+def test_kernels_compile_for_a_real_gpu():
+    """Every kernel compiles to a cubin for an A100 (sm_80, bfloat16 operands) without a GPU: nothing in them is
+    interpreter-only. Runs in a fresh process, since the interpreter replaces the kernels in this one."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = [line.split()[0] for line in out.stdout.splitlines()]
+    assert names == ["_route_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel"]

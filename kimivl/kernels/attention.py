@@ -13,6 +13,7 @@ from .backend import backend_for, has_module
 
 
 def flash_attn_usable(*tensors: torch.Tensor) -> bool:
+    """flash-attn serves these tensors: triton backend, CUDA, fp16/bf16, installed (it has a backward pass)."""
     q = tensors[0]
     return (backend_for(*tensors, has_backward=True) == "triton" and q.is_cuda
             and q.dtype in (torch.float16, torch.bfloat16) and has_module("flash_attn"))

@@ -99,6 +99,8 @@ def route_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     x, weight = x.contiguous(), weight.contiguous()
     ids = torch.empty(T, k, device=x.device, dtype=torch.int64)
     weights = torch.empty(T, k, device=x.device, dtype=torch.float32)
+    if T == 0:
+        return ids, weights
     grouped = cfg.topk_method != "greedy" and cfg.n_group > 1
     _route_kernel[(triton.cdiv(T, BLOCK_T),)](
         x, weight, bias if bias is not None else weight, ids, weights, T, H, x.stride(0), weight.stride(0),

@@ -38,14 +38,17 @@ class MLACache:
         self.k_pe[layer, :, self.length:end] = k_pe
         return self.latent[layer, :, :end], self.k_pe[layer, :, :end]
 
-    def attention_mask(self, new_mask: torch.Tensor | None, T: int) -> torch.Tensor:
+    def attention_mask(self, new_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
         """Record which of the next T slots are real and return the bool mask [B, 1, T, length+T] (True = attend)
-        for queries at those slots: causal, real keys only, and always the query's own slot."""
+        for queries at those slots: causal, real keys only, and always the query's own slot. None when nothing is
+        padded and the chunk is the first (plain causal) or a single token (sees everything)."""
         start, end = self.length, self.length + T
         if end > self.max_len:
             raise InputError(f"the cache holds {self.max_len} tokens; {end} needed: allocate it for the prompt plus "
                              "every token to be generated")
         self.valid[:, start:end] = True if new_mask is None else new_mask.bool()
+        if (start == 0 or T == 1) and bool(self.valid[:, :end].all()):
+            return None
         pos = torch.arange(end, device=self.valid.device)
         query = pos[start:, None]
         mask = (pos[None, :] <= query) & self.valid[:, None, :end]  # [B, T, end]

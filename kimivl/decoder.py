@@ -13,6 +13,7 @@ from torch import nn
 
 from .cache import MLACache
 from .config import TextConfig
+from .kernels.attention import prefill_attention
 from .kernels.mla import absorbed_attention
 from .kernels.moe import moe_experts
 from .kernels.routing import route
@@ -136,8 +137,7 @@ class MLAttention(nn.Module):
             [cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)  # [B, T, heads, nope], [B, T, heads, v]
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, heads, T, qk_head_dim]
         k = torch.cat([k_nope, k_pe[:, :, None].expand_as(q_pe)], dim=-1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
-                                             scale=self.softmax_scale)  # [B, heads, T, v]
+        out = prefill_attention(q, k, v.transpose(1, 2), mask, self.softmax_scale)  # [B, heads, T, v]
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 

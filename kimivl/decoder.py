@@ -22,6 +22,13 @@ from .rope import apply_rope, rope_1d_angles
 LATENT_NORM_EPS = 1e-6  # kv_a_layernorm / q_a_layernorm are built without an eps argument: the class default
 
 
+def normal_parameter(*shape: int, std: float) -> nn.Parameter:
+    """A N(0, std) parameter; left unfilled on the meta device, where filling costs seconds (it imports
+    torch._dynamo) and is thrown away when a checkpoint is loaded."""
+    t = torch.empty(shape)
+    return nn.Parameter(t if t.is_meta else t.normal_(std=std))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -51,7 +58,7 @@ class Gate(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size).normal_(std=cfg.initializer_range))
+        self.weight = normal_parameter(cfg.n_routed_experts, cfg.hidden_size, std=cfg.initializer_range)
         if cfg.topk_method == "noaux_tc":  # steers the choice only; loaded and kept in float32 (checkpoint.py)
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts))
         else:
@@ -62,8 +69,8 @@ class Experts(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         e, i, h, std = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size, cfg.initializer_range
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h).normal_(std=std))
-        self.down_proj = nn.Parameter(torch.empty(e, h, i).normal_(std=std))
+        self.gate_up_proj = normal_parameter(e, 2 * i, h, std=std)
+        self.down_proj = normal_parameter(e, h, i, std=std)
 
 
 class MoE(nn.Module):
@@ -158,7 +165,8 @@ class DecoderLayer(nn.Module):
 class DeepseekV3Model(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=normal_parameter(
+            cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

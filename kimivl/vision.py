@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .decoder import normal_parameter
 from .errors import InputError
 from .kernels.attention import varlen_attention
 from .rope import apply_rope, rope_2d_angles
@@ -26,7 +27,7 @@ class Learnable2DInterpPosEmb(nn.Module):
 
     def __init__(self, height: int, width: int, dim: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(height, width, dim).normal_(std=0.02))
+        self.weight = normal_parameter(height, width, dim, std=0.02)
 
     def forward(self, grid_hws: list[tuple[int, int]]) -> torch.Tensor:
         table = self.weight.permute(2, 0, 1)[None]  # [1, C, H0, W0]

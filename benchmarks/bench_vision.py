@@ -36,8 +36,9 @@ def dense_block_mask_attention(q, k, v, cu_seqlens, causal=False):
     seq = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=q.device),
                                   (cu_seqlens[1:] - cu_seqlens[:-1]).long())
     mask = seq[:, None] == seq[None, :]  # [L, L]
-    return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                          attn_mask=mask).transpose(0, 1)
+    # [1, heads, L, D] views: 4-D inputs reach SDPA's fused CPU kernel (3-D ones take the slow math path)
+    return F.scaled_dot_product_attention(q[None].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2),
+                                          attn_mask=mask)[0].transpose(0, 1)
 
 
 @contextlib.contextmanager

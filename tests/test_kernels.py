@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from kimivl import KimiVLConfig
 from kimivl.kernels import moe
 from kimivl.kernels.attention import prefill_attention, varlen_attention, varlen_attention_reference
-from kimivl.kernels.backend import BackendError, backend_for
+from kimivl.kernels import backend
+from kimivl.kernels.backend import BackendError, backend_for, flash_attn_usable
 from kimivl.kernels.moe import moe_experts, moe_experts_grouped, moe_experts_reference
 from kimivl.kernels.routing import route, route_reference
 from tests.helpers import rel_err
@@ -25,7 +26,8 @@ RTOL = 1e-5
 
 # (tokens, experts, hidden, intermediate, top-k): a single token, top-k equal to the expert count, sizes that are
 # not multiples of anything, and enough tokens that some experts get many rows
-SHAPES = [(1, 8, 16, 12, 3), (5, 4, 16, 12, 4), (37, 8, 24, 20, 3), (64, 16, 32, 8, 2)]
+SHAPES = [(1, 8, 16, 12, 3), (5, 4, 16, 12, 4), (37, 8, 24, 20, 3), (64, 16, 32, 8, 2),
+          (9, 4, 18, 10, 2)]  # widths whose float32 rows are not 16-byte aligned: grouped_mm refuses them
 shape_id = "T{}-E{}-H{}-I{}-k{}".format
 
 
@@ -52,13 +54,20 @@ def test_moe_fast_path_matches_reference(shape):
     assert rel_err(got, want) <= RTOL
 
 
+def test_no_tokens():
+    x, ids, w, gate_up, down = moe_inputs(3, 4, 16, 12, 2)
+    for fn in (moe_experts, moe_experts_reference):
+        out = fn(x[:0], ids[:0], w[:0], gate_up, down)
+        assert out.shape == (0, 16) and out.dtype == x.dtype
+
+
 def test_grouped_path_without_grouped_mm_loops_over_used_experts_only(monkeypatch):
     x, ids, w, gate_up, down = moe_inputs(37, 8, 24, 20, 3)
     used = set(ids.flatten().tolist())
     assert len(used) < 8
     calls = []
     real_linear = F.linear
-    monkeypatch.setattr(moe, "grouped_mm_usable", lambda x: False)
+    monkeypatch.setattr(moe, "grouped_mm_usable", lambda x, w: False)
     monkeypatch.setattr(moe.F, "linear", lambda a, b: calls.append(a.shape[0]) or real_linear(a, b))
     got = moe_experts_grouped(x, ids, w, gate_up, down)
     monkeypatch.undo()
@@ -80,7 +89,7 @@ def test_moe_fast_path_gradients_match_reference(monkeypatch, path, shape, cotan
     x, ids, w, gate_up, down = moe_inputs(*shape)
     g = None if cotangent == "sum" else torch.randn(x.shape[0], x.shape[1])
     if path == "loop":
-        monkeypatch.setattr(moe, "grouped_mm_usable", lambda x: False)
+        monkeypatch.setattr(moe, "grouped_mm_usable", lambda x, w: False)
     out, got = grads(moe_experts_grouped, x, ids, w, gate_up, down, g)
     ref_out, want = grads(moe_experts_reference, x, ids, w, gate_up, down, g)
     assert rel_err(out, ref_out) <= RTOL
@@ -147,9 +156,22 @@ def test_backend_choice(monkeypatch):
     p = torch.zeros(2, requires_grad=True)
     with pytest.raises(BackendError, match="forward-only"):
         backend_for(t, p)
-    assert backend_for(t, p, has_backward=True) == "triton"
     with torch.no_grad():
         assert backend_for(t, p) == "triton"
+
+
+def test_flash_attn_rule(monkeypatch):
+    """flash-attn needs CUDA half-precision tensors and an install, not the triton backend; KIMIVL_BACKEND=torch
+    turns it off. (Without a GPU only the refusals can be checked here.)"""
+    monkeypatch.setattr(backend, "has_module", lambda name: True)
+    monkeypatch.delenv("KIMIVL_BACKEND", raising=False)
+    assert not flash_attn_usable(torch.zeros(2, dtype=torch.bfloat16))  # CPU
+    cuda_bf16 = torch.zeros(2, dtype=torch.bfloat16, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: self.device.type == "meta"))
+    assert flash_attn_usable(cuda_bf16)
+    assert not flash_attn_usable(cuda_bf16.float())
+    monkeypatch.setenv("KIMIVL_BACKEND", "torch")
+    assert not flash_attn_usable(cuda_bf16)
 
 
 def test_import_and_forward_without_triton_or_flash_attn():

@@ -1,7 +1,7 @@
 """Attention for packed (variable-length) sequences and for full-sequence causal prefill.
 
-With the triton backend on CUDA and flash-attn installed, half-precision inputs go to flash-attn (varlen for packed
-sequences, no mask ever built); everything else uses PyTorch SDPA.
+On CUDA with flash-attn installed (and KIMIVL_BACKEND not forcing torch), half-precision inputs go to flash-attn
+(varlen for packed sequences, no mask ever built); everything else uses PyTorch SDPA.
 """
 
 from __future__ import annotations
@@ -9,21 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import backend_for, has_module
-
-
-def flash_attn_usable(*tensors: torch.Tensor) -> bool:
-    """flash-attn serves these tensors: triton backend, CUDA, fp16/bf16, installed (it has a backward pass)."""
-    q = tensors[0]
-    return (backend_for(*tensors, has_backward=True) == "triton" and q.is_cuda
-            and q.dtype in (torch.float16, torch.bfloat16) and has_module("flash_attn"))
+from .backend import flash_attn_usable
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      causal: bool = False) -> torch.Tensor:
     """Attention within each packed sequence: q, k, v [L, heads, D]; sequence i is rows cu[i]:cu[i+1] (int32).
     Scale 1/sqrt(D). Returns [L, heads, D]."""
-    if flash_attn_usable(q, k, v):
+    if flash_attn_usable(q):
         from flash_attn import flash_attn_varlen_func
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=causal)
@@ -58,7 +51,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     mask: bool [B, 1, T, T] (True = attend) or None for plain causal. Causal without a mask goes to flash-attn when
     usable (v is zero-padded to Dqk, which flash-attn 2 requires, and the padding sliced off); else SDPA.
     """
-    if mask is None and v.shape[-1] <= q.shape[-1] and flash_attn_usable(q, k, v):
+    if mask is None and v.shape[-1] <= q.shape[-1] and flash_attn_usable(q):
         from flash_attn import flash_attn_func
         dv = v.shape[-1]
         v = F.pad(v, (0, q.shape[-1] - dv))

@@ -23,6 +23,8 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
 
     x [T, H]; ids, weights [T, k]; gate_up_proj [E, 2I, H] (gate rows first); down_proj [E, H, I].
     """
+    if ids.numel() == 0:  # no tokens
+        return x.new_zeros(x.shape)
     if backend_for(x, weights, gate_up_proj, down_proj) == "triton":
         from .triton_moe import moe_experts_triton
         return moe_experts_triton(x, ids, weights, gate_up_proj, down_proj)
@@ -34,6 +36,8 @@ def moe_experts_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     """The reference: tokens sorted by expert and a loop over only the experts that received any; expert outputs
     are scaled by their float32 weights and summed in float32, then cast once (the official inference order)."""
     T, k = ids.shape
+    if ids.numel() == 0:
+        return x.new_zeros(x.shape)
     flat = ids.flatten()
     order = flat.argsort(stable=True)  # [T*k] slots grouped by expert
     counts = torch.bincount(flat, minlength=gate_up_proj.shape[0]).tolist()
@@ -61,14 +65,15 @@ def dispatch(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.T
 
 def grouped_linear(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """xs [N, in] (rows grouped by expert), w [E, out, in] -> [N, out]: each group times its expert's w.T."""
-    if grouped_mm_usable(xs):
+    if grouped_mm_usable(xs, w):
         return F.grouped_mm(xs, w.transpose(1, 2), offs=ends)
     return torch.cat([F.linear(xe, w[e]) for e, xe in enumerate(xs.split(counts.tolist())) if xe.shape[0]])
 
 
-def grouped_mm_usable(x: torch.Tensor) -> bool:
-    """torch's grouped GEMM exists for these operands: any float dtype on CPU; bfloat16 on CUDA SM80+."""
-    if not hasattr(F, "grouped_mm"):
+def grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch's grouped GEMM serves x [N, in] times w [E, out, in]: any float dtype on CPU, bfloat16 on CUDA SM80+,
+    and rows of both in and out widths 16-byte aligned (it rejects other strides)."""
+    if not hasattr(F, "grouped_mm") or (w.shape[2] * x.element_size()) % 16 or (w.shape[1] * x.element_size()) % 16:
         return False
     if x.is_cuda:
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)

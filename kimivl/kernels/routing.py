@@ -14,7 +14,8 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg:
     """Pick `num_experts_per_tok` experts per token: ids [T, k] (int64), weights [T, k] (float32).
 
     x [T, H], weight [E, H], bias [E] or None. Dispatches to the Triton kernel (one pass per token block) or to
-    `route_reference`; the two agree on the chosen set, not on its order within a token.
+    `route_reference`; the two agree on the chosen set (except among exactly tied scores, where each picks its own),
+    not on its order within a token.
     """
     if backend_for(x, weight) == "triton":
         from .triton_routing import route_triton

@@ -34,7 +34,8 @@ def _route_kernel(x_ptr, w_ptr, bias_ptr, ids_ptr, wout_ptr, T, H, stride_x, str
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
         h_ok = hs < H
-        xb = tl.load(x_ptr + rows[:, None] * stride_x + hs[None, :], mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        xb = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + hs[None, :],  # int64: T*H may pass 2^31
+                     mask=row_ok[:, None] & h_ok[None, :], other=0.0)
         wb = tl.load(w_ptr + cols[None, :] * stride_w + hs[:, None], mask=col_ok[None, :] & h_ok[:, None], other=0.0)
         logits = tl.dot(xb.to(tl.float32), wb.to(tl.float32), logits, input_precision=PRECISION)
 

@@ -122,6 +122,9 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     header.pop("__metadata__", None)
     data_start, tensors = 8 + n, {}
     for name, entry in header.items():
+        if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] not in DTYPES:
+            raise CheckpointError(f"unsupported dtype {entry['dtype']} for tensor {name} in {file.name} (kimivl "
+                                  f"reads {', '.join(DTYPES)}; convert the checkpoint to one of them)")
         try:
             dtype, shape, (begin, end) = DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
             valid = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*shape, begin, end))
@@ -186,13 +189,15 @@ class TensorSource(NamedTuple):
 
 def write_safetensors(file: Path, tensors: dict[str, torch.Tensor | TensorSource],
                       metadata: dict[str, str] | None = None) -> int:
-    """Write a safetensors file tensor by tensor, in the given order; returns its size in bytes.
+    """Write a safetensors file tensor by tensor; returns its size in bytes.
 
     The header is built from dtypes and shapes first, then each tensor's data is written as it arrives, so memory
     holds one chunk (a TensorSource) or nothing beyond the tensors passed in: no copy of the whole file is made.
+    Tensors are laid out by decreasing element size (in the given order otherwise), as safetensors' save_file does,
+    so every tensor starts at a multiple of its element size and loads without a misaligned view.
     """
     sources = {k: TensorSource(v.dtype, tuple(v.shape), [v]) if isinstance(v, torch.Tensor) else v
-               for k, v in tensors.items()}
+               for k, v in sorted(tensors.items(), key=lambda kv: -kv[1].dtype.itemsize)}
     header, pos = {"__metadata__": metadata or {"format": "pt"}}, 0
     for name, src in sources.items():
         n = math.prod(src.shape) * src.dtype.itemsize
@@ -294,7 +299,8 @@ def read_index(index_file: Path) -> dict[str, str]:
     except OSError as e:
         raise CheckpointError(f"{index_file}: cannot read it ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_file}: not a valid safetensors index (needs a 'weight_map' object): {e!r}") from None
+        raise CheckpointError(f"{index_file}: not a valid safetensors index (needs a 'weight_map' object): "
+                              f"{e!r}") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index_file}: 'weight_map' must map tensor names to file names")
     outside = sorted({f for f in weight_map.values() if Path(f).name != f or f in (".", "..")})
@@ -405,20 +411,13 @@ def save(model, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> N
     loads as a mix of two models: it loads the old one, the new one, or fails with a clear error. Weight files of
     the previous checkpoint that the new one does not use are then removed; other files are left alone.
     """
-    path = Path(path)
+    path, max_bytes = Path(path), parse_size(max_shard_size)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = to_official(model.state_dict())
-    sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
-    shards = plan_shards(sizes, parse_size(max_shard_size))
-    names = shard_names(len(shards))
-    entry = SINGLE_NAME if len(shards) == 1 else INDEX_NAME
     previous = _weight_files(path)
     stage = Path(tempfile.mkdtemp(prefix=".kimivl-save-", dir=path))
     try:
-        for name, keys in zip(names, shards):  # tensor by tensor: no copy of a shard is made
-            write_safetensors(stage / name, {k: tensors[k] for k in keys})
-        if entry == INDEX_NAME:
-            write_index(stage, {k: n for n, keys in zip(names, shards) for k in keys}, sum(sizes.values()))
+        names = write_shards(stage, to_official(model.state_dict()), max_bytes)
+        entry = SINGLE_NAME if len(names) == 1 else INDEX_NAME
         config = copy.deepcopy(model.config)
         config.torch_dtype = config.vision_config.torch_dtype = config.text_config.torch_dtype = \
             str(model.dtype).removeprefix("torch.")
@@ -433,6 +432,21 @@ def save(model, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> N
             (path / stale).unlink(missing_ok=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_shards(folder: Path, tensors: dict[str, torch.Tensor | TensorSource], max_shard_size: int | str
+                 ) -> list[str]:
+    """Write tensors into folder as the weight files of a checkpoint: split in order into shards of at most
+    max_shard_size (plan_shards), each written tensor by tensor (no copy of a shard is made), plus the index when
+    there is more than one. Returns the weight file names (shard_names)."""
+    sizes = {k: math.prod(t.shape) * t.dtype.itemsize for k, t in tensors.items()}
+    shards = plan_shards(sizes, parse_size(max_shard_size))
+    names = shard_names(len(shards))
+    for name, keys in zip(names, shards):
+        write_safetensors(folder / name, {k: tensors[k] for k in keys})
+    if len(names) > 1:
+        write_index(folder, {k: n for n, keys in zip(names, shards) for k in keys}, sum(sizes.values()))
+    return names
 
 
 def shard_names(n: int) -> list[str]:
@@ -470,18 +484,20 @@ def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like "5GB" (10^9), "500MiB" (2^20), "2e6"."""
+    """Bytes (at least 1) from an int or a string like "5GB" (10^9), "500MiB" (2^20), "2e6"."""
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", str(size), flags=re.IGNORECASE)
-    try:
-        value = float(m.group(1)) if m else 0.0
-    except ValueError:
-        value = 0.0
-    if value <= 0:
-        raise InputError(f"cannot read a size from {size!r}; use bytes or e.g. '2GB', '500MB', '1GiB'")
-    base = 1024 if m.group(3) else 1000
-    return int(value * base ** "_KMGT".index(m.group(2).upper() or "_"))
+    value = math.nan
+    if m:
+        try:
+            value = float(m.group(1)) * (1024 if m.group(3) else 1000) ** "_KMGT".index(m.group(2).upper() or "_")
+        except ValueError:  # e.g. "1.2.3"
+            pass
+    if not (math.isfinite(value) and value >= 1):
+        raise InputError(f"cannot read a size from {size!r}: need a finite number of bytes, at least 1; use bytes "
+                         "or e.g. '2GB', '500MB', '1GiB'")
+    return int(value)
 
 
 def parse_dtype(value: torch.dtype | str) -> torch.dtype:

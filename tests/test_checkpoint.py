@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kimivl import CheckpointError, InputError, KimiVLForConditionalGeneration
-from kimivl.checkpoint import INDEX_NAME, parse_size, plan_shards, to_official
+from kimivl.checkpoint import INDEX_NAME, TensorSource, parse_size, plan_shards, to_official, write_shards
 from weights_tools.__main__ import main as weights_tools_main
 
 
@@ -124,10 +124,29 @@ def test_loading_builds_on_meta_and_never_initialises_weights(tiny_checkpoint, m
 
 def test_save_size_helpers():
     assert parse_size("5GB") == 5 * 10 ** 9 and parse_size("2MiB") == 2 * 2 ** 20 and parse_size(123) == 123
+    assert parse_size("1") == 1 and parse_size("1.5KB") == 1500 and parse_size("2e6") == 2 * 10 ** 6
     assert plan_shards({"a": 4, "b": 4, "c": 9, "d": 1}, 8) == [["a", "b"], ["c"], ["d"]]
-    for bad in ("lots", 0, "-1GB"):
-        with pytest.raises(InputError, match="cannot read a size"):
+    # not a number, not positive, infinite (float overflow), or under one byte
+    for bad in ("lots", 0, "-1GB", "1.2.3", "nan", "1e400", "1e308TB", "0.5", "0.0001KB"):
+        with pytest.raises(InputError, match=f"cannot read a size from {bad!r}"):
             parse_size(bad)
+
+
+def test_write_shards_plans_names_writes_and_indexes(tmp_path):
+    """The one sharded writer behind save, the checkpoint tools and the benchmark: shards in order, each within the
+    limit (or one larger tensor), an index only for more than one file."""
+    tensors = {"a": torch.arange(4.0), "b": torch.ones(2, 2, dtype=torch.bfloat16), "c": torch.zeros(9)}
+    sources = {"a": TensorSource(torch.float32, (4,), [torch.arange(2.0), torch.arange(2.0, 4.0)]),
+               "b": tensors["b"], "c": TensorSource(torch.float32, (9,), [torch.zeros(9)])}
+    names = write_shards(tmp_path, sources, 24)  # a: 16 bytes, b: 8, c: 36
+    assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    assert index == {"metadata": {"total_size": 60}, "weight_map": {"a": names[0], "b": names[0], "c": names[1]}}
+    back = load_file(tmp_path / names[0]) | load_file(tmp_path / names[1])
+    assert all(torch.equal(back[k], t) and back[k].dtype == t.dtype for k, t in tensors.items())
+    (tmp_path / "one").mkdir()
+    assert write_shards(tmp_path / "one", tensors, "1KB") == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["model.safetensors"]
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import kimivl.checkpoint as ckpt_module
-import weights_tools.rewrite as rewrite_module
 from kimivl import KimiVLConfig, KimiVLForConditionalGeneration
 from kimivl.checkpoint import INDEX_NAME, expected_tensors, read_chunks, read_header, read_tensor, write_safetensors
 from kimivl.model import parameter_counts
@@ -95,6 +97,21 @@ def test_streaming_reader_and_writer_agree_with_safetensors(tmp_path):
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
     with safetensors.safe_open(tmp_path / "ours.safetensors", framework="pt") as h:
         assert h.metadata() == {"format": "pt"}
+
+
+def test_writer_aligns_each_tensor_to_its_element_size(tmp_path):
+    """Tensors are laid out by decreasing element size (stable otherwise), as safetensors' save_file does: every
+    tensor starts at a multiple of its itemsize, which the library's zero-copy loaders need."""
+    tensors = {"a": torch.tensor([1.5, 2.5, 3.5]).bfloat16(), "b": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64),
+               "c": torch.tensor([7], dtype=torch.int32), "d": torch.tensor([True]), "e": torch.tensor([-1.0]).half(),
+               "f": torch.tensor([4.0, 5.0], dtype=torch.float64)}
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    header, _ = raw_header(tmp_path / "x.safetensors")
+    starts = {k: header[k]["data_offsets"][0] for k in tensors}
+    assert all(starts[k] % t.element_size() == 0 for k, t in tensors.items()), starts
+    assert sorted(starts, key=starts.get) == ["b", "f", "c", "a", "e", "d"]
+    back = load_file(tmp_path / "x.safetensors")
+    assert all(back[k].dtype == t.dtype and torch.equal(back[k], t) for k, t in tensors.items())
 
 
 # ---- inspect ------------------------------------------------------------------------------------------------------
@@ -198,8 +215,31 @@ def test_verify_wants_the_config_dtype(src):
     f = shard_of(src, key).name
     assert f"{key} in {f}: dtype F16, expected F32 (config.json torch_dtype)" in problems
     assert any(line.startswith(f"{BIAS} in ") and "dtype F16" in line for line in problems)
-    assert len(problems) == 2
+    assert any(line.startswith(f"{INDEX_NAME}: metadata.total_size is ") for line in problems)  # 2 bytes fewer each
+    assert len(problems) == 3
     KimiVLForConditionalGeneration.from_pretrained(src)  # the loader still accepts it (it casts)
+
+
+def test_verify_checks_total_size_and_finds_stray_safetensors_files(src, tmp_path, capsys):
+    index = json.loads((src / INDEX_NAME).read_text())
+    total = index["metadata"]["total_size"]
+    index["metadata"]["total_size"] = total + 4
+    (src / INDEX_NAME).write_text(json.dumps(index))
+    shutil.copyfile(sorted(src.glob("model-*.safetensors"))[0], src / "model-00001-of-00003.safetensors")
+    code, out, _ = run(capsys, "verify", src)
+    assert code == 1 and out.splitlines() == [
+        f"{INDEX_NAME}: metadata.total_size is {total + 4}, but the tensors hold {total} bytes",
+        f"model-00001-of-00003.safetensors: not part of the checkpoint, {INDEX_NAME} does not list it; remove it if "
+        "it is left over"]
+    # a single-file checkpoint: any other safetensors file is stray; an index without total_size is not checked
+    assert run(capsys, "reshard", src, tmp_path / "one", "--max-shard-size", "1GB")[0] == 0
+    (tmp_path / "one" / "old.safetensors").write_bytes(b"")
+    assert verify(tmp_path / "one") == [f"old.safetensors: not part of the checkpoint, only model.safetensors is read "
+                                        f"(there is no {INDEX_NAME}); remove it if it is left over"]
+    del index["metadata"]
+    (src / INDEX_NAME).write_text(json.dumps(index))
+    (src / "model-00001-of-00003.safetensors").unlink()
+    assert verify(src) == []
 
 
 # ---- bad input: every tool names the file and tensor and leaves nothing behind ------------------------------------
@@ -259,6 +299,16 @@ def wrong_dtype(src):
     return shard_of(src, key).name, [key, "dtype I32, expected a floating-point type"]
 
 
+def unsupported_dtype(src):
+    key = "vision_tower.encoder.blocks.0.wo.weight"
+    file = shard_of(src, key)
+    header, body = raw_header(file)
+    header[key]["dtype"] = "F8_E8M0"  # one byte per element: the same bytes hold 4x the elements
+    header[key]["shape"][-1] *= 4
+    write_raw(file, header, body)
+    return file.name, [key, f"unsupported dtype F8_E8M0 for tensor {key} in {file.name}"]
+
+
 def not_kimi_config(src):
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "model_type": "llava"}))
@@ -266,7 +316,7 @@ def not_kimi_config(src):
 
 
 @pytest.mark.parametrize("corrupt", [truncate, garbage_header, offsets_past_end, index_names_missing_file,
-                                     stored_twice, wrong_shape, wrong_dtype, not_kimi_config])
+                                     stored_twice, wrong_shape, wrong_dtype, unsupported_dtype, not_kimi_config])
 def test_bad_input_is_named_and_leaves_nothing_behind(src, capsys, corrupt):
     file, words = corrupt(src)
     before = digests(src)
@@ -340,7 +390,7 @@ def test_convert_that_overflows_fails_midway_and_cleans_up(src, tmp_path, capsys
         calls.append(file)
         return write_safetensors(file, *args, **kwargs)
 
-    monkeypatch.setattr(rewrite_module, "write_safetensors", spy)
+    monkeypatch.setattr(ckpt_module, "write_safetensors", spy)
     code, _, err = run(capsys, "convert", src, tmp_path / "c", "--dtype", "float16", "--max-shard-size", "300KB")
     assert code == 1 and f"error: {key} in {shard_of(src, key).name}: 1 values overflow float16" in err
     assert len(calls) > 1  # it failed after writing at least one shard
@@ -354,19 +404,24 @@ def test_output_rules_existing_forced_interrupted_and_the_input_itself(src, tmp_
     first = digests(out)
     code, _, err = run(capsys, "reshard", src, out, "--max-shard-size", "300KB")
     assert code == 1 and "already exists; pass --force" in err and digests(out) == first
-    # interrupted while writing the second shard: the old OUT stays whole, no staging folder remains
-    real, calls = rewrite_module.write_safetensors, []
+    # interrupted (Ctrl-C) while writing the second shard: one line, status 130, the old OUT stays whole, no
+    # staging folder remains; SIGTERM is turned into SystemExit while main runs, and restored after
+    real, calls, previous = ckpt_module.write_safetensors, [], signal.getsignal(signal.SIGTERM)
 
     def interrupted(*args, **kwargs):
         if calls:
             raise KeyboardInterrupt
-        calls.append(args)
+        calls.append(signal.getsignal(signal.SIGTERM))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rewrite_module, "write_safetensors", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main(["reshard", str(src), str(out), "--max-shard-size", "300KB", "--force"])
+    monkeypatch.setattr(ckpt_module, "write_safetensors", interrupted)
+    code, _, err = run(capsys, "reshard", src, out, "--max-shard-size", "300KB", "--force")
+    assert code == 130 and err.splitlines()[-1] == "interrupted: nothing was written" and "Traceback" not in err
     monkeypatch.undo()
+    assert calls[0] is not previous and signal.getsignal(signal.SIGTERM) is previous
+    with pytest.raises(SystemExit) as exit_info:
+        calls[0](signal.SIGTERM, None)
+    assert exit_info.value.code == 143
     assert digests(out) == first and sorted(p.name for p in tmp_path.iterdir()) == ["r", "src"]
     assert run(capsys, "reshard", src, out, "--max-shard-size", "300KB", "--force")[0] == 0
     assert len(list(out.glob("*.safetensors"))) == 6 and sorted(p.name for p in tmp_path.iterdir()) == ["r", "src"]
@@ -377,7 +432,72 @@ def test_output_rules_existing_forced_interrupted_and_the_input_itself(src, tmp_
     assert digests(src) == before
     code, _, err = run(capsys, "reshard", src, tmp_path / "no" / "such" / "r", "--max-shard-size", "1GB")
     assert code == 1 and "does not exist; create it first" in err
-    assert run(capsys, "reshard", src, tmp_path / "x", "--max-shard-size", "lots")[0] == 1
+    for size in ("lots", "1e400", "0.5"):  # one error line naming the value, no traceback
+        code, _, err = run(capsys, "reshard", src, tmp_path / "x", "--max-shard-size", size)
+        assert code == 1 and err.startswith(f"error: cannot read a size from {size!r}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r", "src"]
+
+
+SIGTERM_CHILD = """
+import os, signal, sys, time
+import kimivl.checkpoint as ckpt
+from weights_tools.__main__ import main
+real = ckpt.write_safetensors
+
+def terminated(file, *args, **kwargs):  # SIGTERM once the first shard is in the staging folder
+    real(file, *args, **kwargs)
+    print(file.parent.name, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)  # the handler interrupts this
+
+ckpt.write_safetensors = terminated
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_removes_the_staging_folder(src, tmp_path):
+    """kill <pid> during a rewrite: exit status 143, no OUT and no hidden staging folder left behind."""
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_CHILD, "reshard", str(src), str(tmp_path / "r"),
+                           "--max-shard-size", "300KB"], cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stdout.startswith(".r.partial-")  # it was killed mid-write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_symlink_output_is_replaced_not_followed(src, tmp_path, capsys):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    link, dangling = tmp_path / "link", tmp_path / "dangling"
+    link.symlink_to(target, target_is_directory=True)
+    dangling.symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    for out in (link, dangling):
+        code, _, err = run(capsys, "reshard", src, out, "--max-shard-size", "1GB")
+        assert code == 1 and f"output {out} already exists; pass --force" in err, err
+    assert not (tmp_path / "nowhere").exists() and digests(target) == {"notes.txt": digests(target)["notes.txt"]}
+    for out in (link, dangling):  # --force replaces the link itself; its target is left alone
+        assert run(capsys, "reshard", src, out, "--max-shard-size", "1GB", "--force")[0] == 0
+        assert not out.is_symlink() and out.is_dir() and verify(out) == []
+    assert [p.name for p in target.iterdir()] == ["notes.txt"] and (target / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "nowhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "link", "src", "target"]
+
+
+def test_force_replaces_only_a_checkpoint_or_an_empty_folder(src, tmp_path, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    (tmp_path / "file").write_text("data")
+    for out in (home, tmp_path / "file"):
+        code, _, err = run(capsys, "reshard", src, out, "--max-shard-size", "1GB", "--force")
+        assert code == 1 and "is not a checkpoint (no config.json) nor an empty folder" in err, err
+    assert (home / "thesis.tex").read_text() == "years of work" and (tmp_path / "file").read_text() == "data"
+    (tmp_path / "empty").mkdir()
+    for out in ("empty", "empty"):  # an empty folder, then the checkpoint now there
+        assert run(capsys, "reshard", src, tmp_path / out, "--max-shard-size", "1GB", "--force")[0] == 0
+    assert verify(tmp_path / "empty") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "home", "src"]
 
 
 # ---- export-text --------------------------------------------------------------------------------------------------

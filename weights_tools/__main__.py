@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from kimivl.config import PRESETS
@@ -32,18 +33,31 @@ def main(argv: list[str] | None = None) -> int:
                        help="e.g. 2GB (10^9 bytes) or 2GiB; default 5GB" if name != "reshard" else "e.g. 2GB or 2GiB")
         if name == "convert":
             p.add_argument("--dtype", required=True, choices=DTYPE_CHOICES)
-        p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+        p.add_argument("--force", action="store_true",
+                       help="replace OUT if it is a checkpoint, an empty folder or a symlink (the link, not its target)")
     p = sub.add_parser("make-tiny", help="write a random tiny checkpoint in the official format")
     p.add_argument("out", help="output directory")
     p.add_argument("--preset", default="tiny", choices=sorted(n for n in PRESETS if n != "a3b"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=2, help="split the weights into about this many files")
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # so that a killed rewrite removes its staging folder
     try:
         return run(args)
     except (KimiVLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written" if args.command != "make-tiny" else
+              f"interrupted: {args.out} may be incomplete", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame) -> None:
+    """SIGTERM as an exception (exit status 128 + 15), so that `finally` and `except` blocks clean up."""
+    raise SystemExit(143)
 
 
 def run(args: argparse.Namespace) -> int:

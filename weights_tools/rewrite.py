@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kimivl.checkpoint import (KEEP_FLOAT32, Layout, TensorInfo, TensorSource, parse_dtype, parse_size, plan_shards,
-                               read_chunks, read_layout, shard_names, write_index, write_safetensors)
+from kimivl.checkpoint import (KEEP_FLOAT32, Layout, TensorInfo, TensorSource, parse_dtype, parse_size, read_chunks,
+                               read_layout, write_shards)
 from kimivl.errors import InputError
 
 from .verify import all_finite
@@ -71,12 +71,19 @@ def _out_dtype(name: str, info: TensorInfo, target: torch.dtype | None) -> torch
 
 
 def check_output(src: str | os.PathLike, out: str | os.PathLike, force: bool) -> Path:
-    """OUT as a path, refused when it exists (unless force), is or contains the input, or lies inside it."""
-    src, out = Path(src).resolve(), Path(out).resolve()
-    if out == src or src in out.parents or out in src.parents:
-        raise InputError(f"output {out} is, contains or lies inside the input {src}; write to another directory")
-    if (out.exists() or out.is_symlink()) and not force:
-        raise InputError(f"output {out} already exists; pass --force to replace it")
+    """OUT as an absolute path (a symlink is not followed: with force the link itself is replaced), refused when it
+    is, contains or lies inside the input; when it exists, unless force; with force, unless it is a symlink, an
+    empty folder or a checkpoint (has config.json), so that --force never deletes an unrelated folder or file."""
+    real_src, real_out = Path(src).resolve(), Path(out).resolve()
+    if real_out == real_src or real_src in real_out.parents or real_out in real_src.parents:
+        raise InputError(f"output {out} is, contains or lies inside the input {real_src}; write to another directory")
+    out = Path(out).absolute()
+    if os.path.lexists(out):
+        if not force:
+            raise InputError(f"output {out} already exists; pass --force to replace it")
+        if not (out.is_symlink() or out.is_dir() and (not any(out.iterdir()) or (out / "config.json").is_file())):
+            raise InputError(f"output {out} exists and is not a checkpoint (no config.json) nor an empty folder; "
+                             "--force only replaces those: choose another output, or remove it yourself")
     if not out.parent.is_dir():
         raise InputError(f"the folder {out.parent} to hold the output does not exist; create it first")
     return out
@@ -91,19 +98,14 @@ def write_checkpoint(layout: Layout, out: Path, tensors: dict[str, tuple[str, to
     to copy the input's. Every other top-level file of the input that is not a weight file is copied, except those
     matching a pattern in skip.
     """
-    sizes = {k: layout.info(src).numel * dt.itemsize for k, (src, dt) in tensors.items()}
-    shards = plan_shards(sizes, parse_size(max_shard_size))
-    names = shard_names(len(shards))
+    max_bytes = parse_size(max_shard_size)
+    total = sum(layout.info(src).numel * dt.itemsize for src, dt in tensors.values())
     stage = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     stage.mkdir()
     try:
-        with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=out.name, disable=not progress) as bar:
-            for name, keys in zip(names, shards):
-                write_safetensors(stage / name, {k: TensorSource(tensors[k][1], layout.info(tensors[k][0]).shape,
-                                                                 _chunks(layout, *tensors[k], bar))
-                                                 for k in keys})
-        if len(names) > 1:
-            write_index(stage, {k: n for n, keys in zip(names, shards) for k in keys}, sum(sizes.values()))
+        with tqdm(total=total, unit="B", unit_scale=True, desc=out.name, disable=not progress) as bar:
+            write_shards(stage, {k: TensorSource(dt, layout.info(src).shape, _chunks(layout, src, dt, bar))
+                                 for k, (src, dt) in tensors.items()}, max_bytes)
         if config is not None:
             (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for f in sorted(layout.path.iterdir()):
@@ -134,9 +136,10 @@ def _chunks(layout: Layout, src: str, dtype: torch.dtype, bar: tqdm) -> Iterator
 
 
 def _publish(stage: Path, out: Path) -> None:
-    """Rename the finished stage to out, replacing what was there only once the new folder is in place."""
+    """Rename the finished stage to out, replacing what was there (a symlink: the link, not its target) only once
+    the new folder is in place."""
     old = None
-    if out.exists() or out.is_symlink():
+    if os.path.lexists(out):
         old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
         os.replace(out, old)
     try:
@@ -146,7 +149,7 @@ def _publish(stage: Path, out: Path) -> None:
             os.replace(old, out)
         raise
     if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+        if old.is_symlink() or not old.is_dir():
             old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)

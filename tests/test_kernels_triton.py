@@ -18,12 +18,13 @@ if not torch.cuda.is_available():  # must precede the first import of the kernel
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from kimivl import KimiVLConfig, KimiVLForConditionalGeneration  # noqa: E402
+from kimivl import KimiVLConfig, KimiVLForConditionalGeneration, KimiVLProcessor, MLACache  # noqa: E402
 from kimivl.config import TextConfig  # noqa: E402
-from kimivl.kernels import triton_moe, triton_routing  # noqa: E402
+from kimivl.kernels import triton_mla, triton_moe, triton_routing  # noqa: E402
+from kimivl.kernels.mla import absorbed_attention, absorbed_attention_reference  # noqa: E402
 from kimivl.kernels.moe import moe_experts, moe_experts_reference  # noqa: E402
 from kimivl.kernels.routing import route, route_reference  # noqa: E402
-from kimivl.model import init_weights  # noqa: E402
+from kimivl.model import default_position_ids, init_weights  # noqa: E402
 from tests.helpers import image_batch, prompt_with_images, rel_err  # noqa: E402
 from tests.test_kernels import moe_inputs, shape_id  # noqa: E402
 
@@ -94,10 +95,54 @@ def test_row_blocks_map_every_row_once():
     assert block_first.tolist() == [0, 0, 2, 3, 3, 4]
 
 
+MLA_CASES = {  # name: (B, T, heads, S, C, rope, mask); BLOCK_S is 64 for float32 C=32 and BLOCK_H 16
+    "T1-padding": (2, 1, 4, 70, 32, 8, "causal-padding"),  # S = 64 + 6: a full and a partial slot block
+    "T3-causal-padding": (2, 3, 4, 70, 32, 8, "causal-padding"),
+    "T3-no-mask": (1, 3, 4, 70, 32, 8, None),  # every cached slot visible
+    "only-self": (2, 3, 4, 70, 32, 8, "only-self"),  # a query whose first slot block is wholly masked
+    "C24-R6-H20": (1, 2, 20, 37, 24, 6, "causal-padding"),  # 2 head blocks (the second 4/16 full), C, R not 2^k
+}
+
+
+def mla_inputs(B: int, T: int, heads: int, S: int, C: int, R: int, mask: str | None, seed: int = 0):
+    """q_nope, q_pe, latent, k_pe, kv_b_weight, mask for T queries at the last T of S slots. latent and k_pe are
+    views into longer buffers, as the cache hands them out. Masks: causal with row b's first 10*b slots padding;
+    only-self also hides everything but its own slot from row 0's second query."""
+    gen = torch.Generator().manual_seed(seed)
+    nope, v = 16, 12
+    q_nope = torch.randn(B, T, heads, nope, generator=gen)
+    q_pe = torch.randn(B, T, heads, R, generator=gen)
+    latent = torch.randn(B, S + 5, C, generator=gen)[:, :S]
+    k_pe = torch.randn(B, S + 5, R, generator=gen)[:, :S]
+    kv_b = torch.randn(heads * (nope + v), C, generator=gen) / C ** 0.5
+    m = None
+    if mask is not None:
+        pos = torch.arange(S)
+        query = pos[S - T:, None]
+        m = (pos <= query).repeat(B, 1, 1)  # [B, T, S]
+        for b in range(B):
+            m[b, :, :10 * b] = False
+        if mask == "only-self":
+            m[0, min(1, T - 1)] = pos == S - T + min(1, T - 1)
+        m = m[:, None]
+    return q_nope, q_pe, latent, k_pe, kv_b, m
+
+
+@pytest.mark.parametrize("case", MLA_CASES)
+def test_mla_kernel_matches_reference(case):
+    q_nope, q_pe, latent, k_pe, kv_b, mask = (t.to(DEVICE) if t is not None else None
+                                              for t in mla_inputs(*MLA_CASES[case]))
+    scale = 0.3
+    got = triton_mla.absorbed_attention_triton(q_nope, q_pe, latent, k_pe, kv_b, mask, scale)
+    want = absorbed_attention_reference(q_nope, q_pe, latent, k_pe, kv_b, mask, scale)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert rel_err(got, want) <= RTOL
+
+
 @pytest.fixture
 def spies(monkeypatch):
     """Counts of calls into the Triton entry points through the public ops."""
-    calls = {"route": 0, "moe": 0}
+    calls = {"route": 0, "moe": 0, "mla": 0}
 
     def spy(module, name, key):
         real = getattr(module, name)
@@ -109,6 +154,7 @@ def spies(monkeypatch):
 
     spy(triton_routing, "route_triton", "route")
     spy(triton_moe, "moe_experts_triton", "moe")
+    spy(triton_mla, "absorbed_attention_triton", "mla")
     return calls
 
 
@@ -119,7 +165,9 @@ def test_public_ops_dispatch_to_triton_when_forced(monkeypatch, spies):
     monkeypatch.setenv("KIMIVL_BACKEND", "triton")
     ids, w = route(x, weight, None, cfg)
     moe_experts(x, ids, w, *(t.to(DEVICE) for t in moe_inputs(6, cfg.n_routed_experts, cfg.hidden_size, 32, 3)[3:]))
-    assert spies == {"route": 1, "moe": 1}
+    q_nope, q_pe, latent, k_pe, kv_b, mask = (t.to(DEVICE) for t in mla_inputs(*MLA_CASES["T1-padding"]))
+    absorbed_attention(q_nope, q_pe, latent, k_pe, kv_b, mask, 0.3)
+    assert spies == {"route": 1, "moe": 1, "mla": 1}
 
 
 def test_tiny_model_same_logits_with_triton_backend(monkeypatch, spies, report):
@@ -141,17 +189,68 @@ def test_tiny_model_same_logits_with_triton_backend(monkeypatch, spies, report):
             monkeypatch.setenv("KIMIVL_BACKEND", backend)
             logits[backend] = model(**inputs).logits
     moe_layers = sum(config.text_config.is_moe_layer(i) for i in range(config.text_config.num_hidden_layers))
-    assert spies == {"route": moe_layers, "moe": moe_layers}  # the triton run went through the kernels
+    assert spies == {"route": moe_layers, "moe": moe_layers, "mla": 0}  # the triton run went through the kernels
     err = rel_err(logits["triton"], logits["torch"])
     report("max |logits triton - torch| / max |torch|", f"{err:.1e}")
     assert err <= RTOL and logits["torch"].std() > 0.1
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_checkpoint):
+    path = tiny_checkpoint("tiny")
+    model = KimiVLForConditionalGeneration.from_pretrained(path).to(DEVICE).eval()
+    return model, KimiVLProcessor.from_pretrained(path)
+
+
+TWO_PROMPTS = [[{"role": "user", "content": "hi"}],  # left-padded: the decode masks hide its padding
+               [{"role": "user", "content": "Say something long about nothing in particular, please."}]]
+
+
+def test_tiny_generation_same_tokens_with_triton_backend(monkeypatch, spies, tiny_loaded):
+    model, processor = tiny_loaded
+    inputs = {k: v.to(DEVICE) for k, v in processor(TWO_PROMPTS).items()}
+    out = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("KIMIVL_BACKEND", backend)
+        out[backend] = model.generate(**inputs, max_new_tokens=6, stop_ids=[])
+    layers = model.config.text_config.num_hidden_layers
+    assert spies["mla"] == 5 * layers  # every decode step after the first token went through the kernel
+    assert out["triton"].tolist() == out["torch"].tolist()
+
+
+def test_tiny_cached_decode_same_logits_with_triton_backend(monkeypatch, spies, tiny_loaded, report):
+    """Two left-padded prompts prefilled, then 3 one-token steps and a 3-token chunk after the cached tokens (T > 1,
+    causal + padding mask): the same logits through the kernel as through the torch reference."""
+    model, processor = tiny_loaded
+    lm = model.language_model
+    inputs = processor(TWO_PROMPTS)
+    forced = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    ids, attention = inputs.input_ids.to(DEVICE), inputs.attention_mask.to(DEVICE)
+    positions = default_position_ids(ids, attention)
+    logits = {}
+    with torch.no_grad():
+        for backend in ("torch", "triton"):
+            monkeypatch.setenv("KIMIVL_BACKEND", backend)
+            cache = MLACache(lm.config, 2, ids.shape[1] + forced.shape[1], device=DEVICE)
+            steps = [lm(lm.model.embed_tokens(ids), positions, attention, cache)[:, -1:]]
+            done = 0
+            for chunk in forced.split([1, 1, 1, 3], dim=1):
+                T = chunk.shape[1]
+                chunk_positions = positions[:, -1:] + 1 + done + torch.arange(T, device=DEVICE)
+                steps.append(lm(lm.model.embed_tokens(chunk), chunk_positions, None, cache))
+                done += T
+            logits[backend] = torch.cat(steps, 1)  # [2, 1 + 6, vocab]
+    assert spies["mla"] == 4 * lm.config.num_hidden_layers
+    err = (logits["triton"] - logits["torch"]).abs().max().item()
+    report("cached decode logits triton vs torch, max abs diff", f"{err:.1e}")
+    assert err <= 1e-4 and logits["torch"].std() > 0.1
 
 
 COMPILE_FOR_GPU = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kimivl.kernels import triton_moe, triton_routing
+from kimivl.kernels import triton_mla, triton_moe, triton_routing
 
 i64, i32 = "*i64", "i32"
 meta = {"block_expert_ptr": i64, "block_first_ptr": i64, "starts_ptr": i64, "ends_ptr": "*i32"}
@@ -174,6 +273,14 @@ kernels = [
      {"y_ptr": "*fp32", "row_of_slot_ptr": i64, "out_ptr": "*bf16", "T": i32, "H": i32, "stride_y": i32,
       "stride_out": i32},
      {"TOP_K": 6, "BLOCK_T": 16, "BLOCK_H": 64}),
+    (triton_mla._mla_decode_kernel,  # a3b: 16 heads, C = 512, rope 64
+     {"q_ptr": "*bf16", "q_pe_ptr": "*bf16", "latent_ptr": "*bf16", "k_pe_ptr": "*bf16", "mask_ptr": "*i1",
+      "out_ptr": "*bf16", **{name: i32 for name in ("T", "S", "H", "C", "R", "stride_qb", "stride_qt", "stride_qh",
+                                                   "stride_pb", "stride_pt", "stride_ph", "stride_lb", "stride_ls",
+                                                   "stride_kb", "stride_ks", "stride_mb", "stride_mt", "stride_ms",
+                                                   "stride_ob", "stride_ot", "stride_oh")},
+      "scale": "fp32"},
+     {"HAS_MASK": True, "BLOCK_H": 16, "BLOCK_S": 32, "BLOCK_C": 512, "BLOCK_R": 64, "PRECISION": "ieee"}),
 ]
 for fn, signature, constants in kernels:
     signature = {**signature, **{name: "constexpr" for name in constants}}
@@ -192,4 +299,4 @@ def test_kernels_compile_for_a_real_gpu():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     names = [line.split()[0] for line in out.stdout.splitlines()]
-    assert names == ["_route_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel"]
+    assert names == ["_route_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel", "_mla_decode_kernel"]

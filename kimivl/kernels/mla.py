@@ -4,21 +4,39 @@ from __future__ import annotations
 
 import torch
 
+from .backend import backend_for
+
 
 def absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                        kv_b_weight: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Attention of new queries over cached latents, never expanding per-head keys or values.
 
     q_nope [B, T, heads, nope], q_pe [B, T, heads, rope] (rotated); latent [B, S, C] (normalised), k_pe [B, S, rope]
-    (rotated); kv_b_weight [heads * (nope + v), C]; mask bool [B, 1, T, S] (True = attend). Returns [B, T, heads, v].
+    (rotated); kv_b_weight [heads * (nope + v), C]; mask bool [B, 1, T, S] (True = attend) or None (every slot
+    visible). Returns [B, T, heads, v]. Dispatches to the Triton flash-decoding kernel or to
+    `absorbed_attention_reference`.
+    """
+    if backend_for(q_nope, latent, kv_b_weight) == "triton":
+        from .triton_mla import absorbed_attention_triton
+        return absorbed_attention_triton(q_nope, q_pe, latent, k_pe, kv_b_weight, mask, scale)
+    return absorbed_attention_reference(q_nope, q_pe, latent, k_pe, kv_b_weight, mask, scale)
+
+
+def absorb_weights(kv_b_weight: torch.Tensor, heads: int, nope: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_b_weight [heads * (nope + v), C] -> W_uk [heads, nope, C] (keys), W_uv [heads, v, C] (values)."""
+    w = kv_b_weight.unflatten(0, (heads, -1))  # [heads, nope + v, C]
+    return w[:, :nope], w[:, nope:]
+
+
+def absorbed_attention_reference(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                                 kv_b_weight: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """`absorbed_attention` in plain PyTorch (same arguments and result).
 
     k_nope = latent @ W_uk^T per head, so q_nope . k_nope = (q_nope @ W_uk) . latent: queries are taken into the
     latent space; likewise softmax @ (latent @ W_uv^T) = (softmax @ latent) @ W_uv^T: values are projected out after
     attention. Scores are softmaxed in float32.
     """
-    heads, nope = q_nope.shape[2], q_nope.shape[3]
-    w = kv_b_weight.unflatten(0, (heads, -1))  # [heads, nope + v, C]
-    w_uk, w_uv = w[:, :nope], w[:, nope:]  # [heads, nope, C], [heads, v, C]
+    w_uk, w_uv = absorb_weights(kv_b_weight, q_nope.shape[2], q_nope.shape[3])
     q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # [B, heads, T, C]
     scores = q_latent @ latent[:, None].transpose(-1, -2)  # [B, heads, T, S]
     scores = scores + q_pe.transpose(1, 2) @ k_pe[:, None].transpose(-1, -2)

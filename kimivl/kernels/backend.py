@@ -1,10 +1,11 @@
 """The one place a kernel backend is chosen, per call, from the tensors, the environment and what is installed.
 
-Backends: "torch" (plain PyTorch: the references and the fast CPU paths) and "triton" (the Triton kernels for routing
-and expert GEMMs). `KIMIVL_BACKEND=torch|triton` forces one; otherwise "triton" is used for CUDA tensors when triton
-imports and no gradient is needed (the Triton kernels are forward-only), "torch" everywhere else. Attention uses
-flash-attn for CUDA half-precision tensors when it is installed, unless KIMIVL_BACKEND=torch. On CPU tensors "triton" runs only in the Triton interpreter
-(`TRITON_INTERPRET=1`, set before the kernels are imported): a correctness tool, not a fast path.
+Backends: "torch" (plain PyTorch: the references and the fast CPU paths) and "triton" (the Triton kernels for routing,
+expert GEMMs and MLA decode attention). `KIMIVL_BACKEND=torch|triton` forces one; otherwise "triton" is used for CUDA
+tensors when triton imports and no gradient is needed (the Triton kernels are forward-only), "torch" everywhere else.
+Attention uses flash-attn for CUDA half-precision tensors when it is installed, unless KIMIVL_BACKEND=torch. On CPU
+tensors "triton" runs only in the Triton interpreter (`TRITON_INTERPRET=1`, set before the kernels are imported): a
+correctness tool, not a fast path.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def forced_backend() -> str:
 
 
 def backend_for(*tensors: torch.Tensor) -> str:
-    """'torch' or 'triton' for a Triton-backed op (routing, expert GEMMs: forward-only kernels) on `tensors` (the
-    first one's device decides)."""
+    """'torch' or 'triton' for a Triton-backed op (routing, expert GEMMs, MLA decode: forward-only kernels) on
+    `tensors` (the first one's device decides)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     forced = forced_backend()
     if not forced:
@@ -54,7 +55,7 @@ def backend_for(*tensors: torch.Tensor) -> str:
         if not has_module("triton"):
             raise BackendError(f"{ENV}=triton but triton is not installed: `pip install .[cuda]` (or unset {ENV})")
         if needs_grad:
-            raise BackendError(f"{ENV}=triton: the Triton MoE kernels are forward-only; run under torch.no_grad() "
+            raise BackendError(f"{ENV}=triton: the Triton kernels are forward-only; run under torch.no_grad() "
                                f"or use {ENV}=torch for training")
         if not tensors[0].is_cuda and not triton_interpreting():
             raise BackendError(f"{ENV}=triton on {tensors[0].device} tensors needs the Triton interpreter: set "

@@ -58,7 +58,8 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"greedy decoding, prompt {args.prompt} tokens (one image), {args.steps} new tokens, float32, "
           f"{torch.get_num_threads()} threads\n")
-    print("| preset | decoder params | prefill tok/s | decode tok/s, latent cache | decode tok/s, no cache | speed-up |")
+    print("| preset | decoder params | prefill tok/s | decode tok/s, latent cache | decode tok/s, no cache "
+          "| speed-up |")
     print("|---|---|---|---|---|---|")
     for name, cfg in (("tiny", KimiVLConfig.preset("tiny")), ("wide", wide_config())):
         model = KimiVLForConditionalGeneration(cfg).eval()
@@ -74,7 +75,8 @@ def main() -> None:
         n = sum(p.numel() for p in model.language_model.parameters())
         no_cache = (args.steps - 1) / seconds
         print(f"| {name} | {n / 1e6:.1f} M | {stats.prefill_tokens_per_second:.0f} | "
-              f"{stats.decode_tokens_per_second:.1f} | {no_cache:.1f} | {stats.decode_tokens_per_second / no_cache:.1f}x |")
+              f"{stats.decode_tokens_per_second:.1f} | {no_cache:.1f} | "
+              f"{stats.decode_tokens_per_second / no_cache:.1f}x |")
 
     t = KimiVLConfig.preset("a3b").text_config
     latent = MLACache(t, 1, 1, device="meta", dtype=torch.bfloat16).bytes_per_token_per_layer()

@@ -83,7 +83,8 @@ class KimiTokenizer:
         names = named_specials or {}
         outside = [i for i in names if not n <= i < n + NUM_RESERVED_SPECIAL_TOKENS]
         if outside:
-            raise CheckpointError(f"special token ids {outside} lie outside {n}..{n + NUM_RESERVED_SPECIAL_TOKENS - 1}, "
+            last = n + NUM_RESERVED_SPECIAL_TOKENS - 1
+            raise CheckpointError(f"special token ids {outside} lie outside {n}..{last}, "
                                   f"the ids after the {n}-token base vocabulary")
         self.special_tokens = {names.get(i, f"<|reserved_token_{i}|>"): i
                                for i in range(n, n + NUM_RESERVED_SPECIAL_TOKENS)}

@@ -55,7 +55,8 @@ def test_wrong_model_dir_and_undecodable_image(tiny_checkpoint, tmp_path, capsys
 
 def test_chat_session(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     Image.new("RGB", (40, 30), "red").save(tmp_path / "red.png")
-    session = f"/image {tmp_path / 'red.png'}\nwhat colour?\n/image {tmp_path / 'nope.png'}\nand now?\n/reset\nhi\n/exit\n"
+    session = (f"/image {tmp_path / 'red.png'}\nwhat colour?\n/image {tmp_path / 'nope.png'}\nand now?\n"
+               "/reset\nhi\n/exit\n")
     monkeypatch.setattr(sys, "stdin", io.StringIO(session))
     assert main(["chat", "--model", tiny_checkpoint(), "--max-new-tokens", "4"]) == 0
     err = capsys.readouterr().err

@@ -21,7 +21,8 @@ def loaded(tiny_checkpoint):
     def get(preset: str = "tiny"):
         if preset not in cache:
             path = tiny_checkpoint(preset)
-            cache[preset] = (KimiVLForConditionalGeneration.from_pretrained(path), KimiVLProcessor.from_pretrained(path))
+            cache[preset] = (KimiVLForConditionalGeneration.from_pretrained(path),
+                             KimiVLProcessor.from_pretrained(path))
         return cache[preset]
 
     return get

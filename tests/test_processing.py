@@ -229,11 +229,13 @@ def test_tokenizer_file_errors(tiny_checkpoint, tmp_path):
 
 # ---- chat format ---------------------------------------------------------------------------------------------
 CONVERSATIONS = [
-    [{"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "Describe the image"}]}],
+    [{"role": "user", "content": [{"type": "image", "image": "x.png"},
+                                  {"type": "text", "text": "Describe the image"}]}],
     [{"role": "user", "content": "hi"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
      {"role": "assistant", "content": "4"}, {"role": "user", "content": [
-         {"type": "text", "text": "and these? "}, {"type": "image"}, {"type": "image"}, {"type": "text", "text": "!"}]}],
+         {"type": "text", "text": "and these? "}, {"type": "image"}, {"type": "image"},
+         {"type": "text", "text": "!"}]}],
     [{"role": "user", "content": "a\nb {{ not jinja }}"}, {"role": "assistant", "content": ""}],
 ]
 
@@ -257,7 +259,8 @@ def test_checkpoint_template_is_used(tiny_checkpoint, tmp_path):
     config = json.loads(open(f"{tiny_checkpoint()}/tokenizer_config.json").read())
     config["chat_template"] = "{% for m in messages %}[{{ m['role'] }}]{% endfor %}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    assert KimiTokenizer.from_pretrained(tmp_path).apply_chat_template(CONVERSATIONS[2]) == "[system][user][assistant][user]"
+    tok = KimiTokenizer.from_pretrained(tmp_path)
+    assert tok.apply_chat_template(CONVERSATIONS[2]) == "[system][user][assistant][user]"
 
 
 def test_checkpoint_template_features_and_errors(tiny_checkpoint, tmp_path):

@@ -19,7 +19,7 @@ install: $(STAMP)
 # are random text; point --model at a Kimi-VL-A3B directory for real ones).
 DEMO := runs/demo-tiny
 $(DEMO)/config.json: | $(STAMP)
-	$(VENV)/bin/python -m weights_tools make-tiny $(DEMO)
+	$(VENV)/bin/python -m weights_tools make-tiny $(DEMO) --force  # --force: over a half-written earlier try
 
 demo: $(STAMP) $(DEMO)/config.json
 	$(VENV)/bin/kimivl generate --model $(DEMO) --image assets/sample.png --prompt "What is in this image?" \

@@ -31,6 +31,7 @@ from .errors import CheckpointError, InputError, KimiVLError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 Index = tuple[int, ...] | tuple[int, slice]
+MAX_LISTED = 20  # problems shown in one error message
 
 
 # ---- name mapping ---------------------------------------------------------------------------------------------
@@ -244,10 +245,14 @@ class Layout:
         return self.headers[self.where[name]][name]
 
     def raise_problems(self, what: str) -> None:
-        """Raise one CheckpointError listing every problem, if there are any."""
+        """Raise one CheckpointError listing the problems, if there are any (the first MAX_LISTED of them; `verify`
+        lists them all)."""
         if self.problems:
-            raise CheckpointError(f"checkpoint {self.path} {what} ({len(self.problems)} problems):\n  "
-                                  + "\n  ".join(self.problems))
+            n = len(self.problems)
+            listed = self.problems[:MAX_LISTED] + ([f"... and {n - MAX_LISTED} more (weights_tools verify lists "
+                                                    "them all)"] if n > MAX_LISTED else [])
+            raise CheckpointError(f"checkpoint {self.path} {what} ({n} problem{'s' * (n != 1)}):\n  "
+                                  + "\n  ".join(listed))
 
 
 def read_layout(path: str | os.PathLike, check_dtypes: bool = False) -> Layout:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -163,6 +164,9 @@ def _chat(args: argparse.Namespace) -> None:
         if line == "/reset":
             history, images = _system(args), []
             continue
+        if line.startswith("/") and line.split()[0] not in ("/image",):
+            print(f"unknown command {line.split()[0]}: /image PATH, /reset or /exit", file=sys.stderr)
+            continue
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
             try:
@@ -204,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     except KimiVLError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `kimivl generate ... | head`: the reader has gone, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         if args.command == "eval":
             print("interrupted: the predictions so far are saved; rerun the same command to resume", file=sys.stderr)

@@ -186,9 +186,12 @@ class KimiVLConfig:
         if d.get("model_type") != "kimi_vl":
             raise ConfigError(f"model_type is {d.get('model_type')!r}, expected 'kimi_vl': this is not a Kimi-VL "
                               "config (the decoder alone would be 'deepseek_v3')")
+        missing = [k for k in ("vision_config", "text_config") if k not in d]
+        if missing:
+            raise ConfigError(f"the config has no {' or '.join(missing)}: a Kimi-VL config.json holds both")
         d = dict(d)
-        vision = _from_dict(VisionConfig, d.pop("vision_config", {}), "vision_config")
-        text = _from_dict(TextConfig, d.pop("text_config", {}), "text_config")
+        vision = _from_dict(VisionConfig, d.pop("vision_config"), "vision_config")
+        text = _from_dict(TextConfig, d.pop("text_config"), "text_config")
         cfg = _from_dict(cls, d, "config", vision_config=vision, text_config=text)
         cfg.validate()
         return cfg

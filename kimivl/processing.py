@@ -36,7 +36,8 @@ def load_image(image: Any) -> Image.Image:
     InputError naming the input."""
     name = _describe(image)
     if isinstance(image, (str, os.PathLike)) and not Path(image).is_file():
-        raise InputError(f"image file not found: {image}")
+        raise InputError(f"{image} is a directory, not an image file" if Path(image).is_dir()
+                         else f"image file not found: {image}")
     is_array = not isinstance(image, Image.Image) and (isinstance(image, torch.Tensor)
                                                         or hasattr(image, "__array_interface__"))
     if is_array and (str(image.dtype).removeprefix("torch.") != "uint8" or image.ndim not in (2, 3)):
@@ -184,13 +185,20 @@ class KimiVLProcessor:
     def __init__(self, tokenizer: KimiTokenizer, image_processor: KimiVLImageProcessor | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor or KimiVLImageProcessor()
+        missing = [t for t in (MEDIA_PAD, "<|im_end|>", tokenizer.pad_token) if t not in tokenizer.special_tokens]
+        if missing:
+            raise CheckpointError(f"the tokenizer names no {', '.join(missing)} token: its tokenizer_config.json is "
+                                  "missing or has no added_tokens_decoder with the Kimi special tokens")
         self.media_pad_id = tokenizer.token_id(MEDIA_PAD)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "KimiVLProcessor":
         if not Path(path).is_dir():
             raise CheckpointError(f"{path} is not a directory")
-        return cls(KimiTokenizer.from_pretrained(path), KimiVLImageProcessor.from_pretrained(path))
+        try:
+            return cls(KimiTokenizer.from_pretrained(path), KimiVLImageProcessor.from_pretrained(path))
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt)

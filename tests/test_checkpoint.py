@@ -51,6 +51,25 @@ def test_make_tiny_bad_arguments(tmp_path):
     assert weights_tools_main(["make-tiny", str(tmp_path / "file")]) == 1
     assert weights_tools_main(["make-tiny", str(tmp_path / "d"), "--shards", "0"]) == 1
     assert not (tmp_path / "d").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("keep me")
+    assert weights_tools_main(["make-tiny", str(tmp_path / "mine")]) == 1  # not empty: refused
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["thesis.txt"]
+    assert weights_tools_main(["make-tiny", str(tmp_path / "mine"), "--force"]) == 0
+    assert (tmp_path / "mine" / "thesis.txt").read_text() == "keep me" and (tmp_path / "mine" / "config.json").exists()
+
+
+def test_load_error_lists_at_most_twenty_problems(tiny_checkpoint, tmp_path):
+    """A config that does not match the weights at all (here: a different preset) gives a bounded message."""
+    ckpt = tmp_path / "c"
+    shutil.copytree(tiny_checkpoint(), ckpt)
+    other = json.loads((ckpt / "config.json").read_text())
+    other["text_config"]["hidden_size"] = 96
+    (ckpt / "config.json").write_text(json.dumps(other))
+    with pytest.raises(CheckpointError) as e:
+        KimiVLForConditionalGeneration.from_pretrained(ckpt)
+    lines = str(e.value).splitlines()
+    assert "problems" in lines[0] and len(lines) == 1 + 20 + 1 and lines[-1].strip().startswith("... and ")
 
 
 def test_expert_names_map_to_stacked_slices(tiny_checkpoint):

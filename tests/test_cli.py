@@ -56,12 +56,22 @@ def test_wrong_model_dir_and_undecodable_image(tiny_checkpoint, tmp_path, capsys
 def test_chat_session(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     Image.new("RGB", (40, 30), "red").save(tmp_path / "red.png")
     session = (f"/image {tmp_path / 'red.png'}\nwhat colour?\n/image {tmp_path / 'nope.png'}\nand now?\n"
-               "/reset\nhi\n/exit\n")
+               "/bogus\n/reset\nhi\n/exit\n")
     monkeypatch.setattr(sys, "stdin", io.StringIO(session))
     assert main(["chat", "--model", tiny_checkpoint(), "--max-new-tokens", "4"]) == 0
     err = capsys.readouterr().err
     assert err.count("[prefill") == 3  # three answered turns
-    assert "image file not found" in err
+    assert "image file not found" in err and "unknown command /bogus" in err
+
+
+def test_closed_stdout_is_not_an_error(tiny_checkpoint):
+    """`kimivl generate ... | head -c 5`: the reader goes away; no traceback, no error line."""
+    proc = subprocess.Popen([sys.executable, "-m", "kimivl.cli", "generate", "--model", tiny_checkpoint(), "--prompt",
+                             "hi", "--max-new-tokens", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(5)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and "Traceback" not in err and "error" not in err
 
 
 def test_console_script_runs():

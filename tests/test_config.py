@@ -118,6 +118,14 @@ def test_validation_messages(path, value, message):
         KimiVLConfig.from_dict(d)
 
 
+@pytest.mark.parametrize("part", ["text_config", "vision_config"])
+def test_missing_sub_config(part):
+    d = official_config()
+    del d[part]
+    with pytest.raises(ConfigError, match=f"the config has no {part}"):
+        KimiVLConfig.from_dict(d)
+
+
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         KimiVLConfig.preset("huge")

@@ -146,8 +146,8 @@ def test_bad_images_raise_clear_errors(tmp_path, monkeypatch):
     proc = KimiVLImageProcessor()
     with pytest.raises(InputError, match=r"^image file not found: .*missing.png$"):
         proc.preprocess_one(tmp_path / "missing.png")
-    with pytest.raises(InputError, match=r"^image file not found: "):
-        proc.preprocess_one(tmp_path)  # a directory
+    with pytest.raises(InputError, match=r"is a directory, not an image file$"):
+        proc.preprocess_one(tmp_path)
     with pytest.raises(InputError, match=r"^cannot use an array of float32 \[4, 4, 3\] as an image: give uint8"):
         proc.preprocess_one(np.zeros((4, 4, 3), np.float32))
     (tmp_path / "garbage.png").write_bytes(b"not an image at all")
@@ -211,6 +211,13 @@ def test_special_tokens(tokenizer):
         tokenizer.decode([5000])
     with pytest.raises(InputError, match="no special token"):
         tokenizer.token_id("<|nope|>")
+
+
+def test_processor_without_tokenizer_config_says_so(tiny_checkpoint, tmp_path):
+    shutil.copy(f"{tiny_checkpoint()}/tiktoken.model", tmp_path)
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}: the tokenizer names no <\\|media_pad\\|>.*"
+                                              "tokenizer_config.json is missing"):
+        KimiVLProcessor.from_pretrained(tmp_path)
 
 
 def test_tokenizer_file_errors(tiny_checkpoint, tmp_path):

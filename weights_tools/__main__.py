@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
@@ -40,10 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny", choices=sorted(n for n in PRESETS if n != "a3b"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=2, help="split the weights into about this many files")
+    p.add_argument("--force", action="store_true", help="write into OUT even if it is not empty")
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)  # so that a killed rewrite removes its staging folder
     try:
         return run(args)
+    except BrokenPipeError:  # e.g. `inspect --json | head`: the reader has gone, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (KimiVLError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -70,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         problems = verify(args.dir, scan=args.scan, progress=True)
         for line in problems:
             print(line)
-        print(f"{args.dir}: {len(problems)} problems" if problems else f"{args.dir}: ok",
+        n = len(problems)
+        print(f"{args.dir}: {n} problem{'s' * (n != 1)}" if problems else f"{args.dir}: ok",
               file=sys.stderr if problems else sys.stdout)
         return 1 if problems else 0
     elif args.command == "reshard":
@@ -87,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out} (load it with transformers' DeepseekV3ForCausalLM.from_pretrained)")
     elif args.command == "make-tiny":
         from .tiny import make_tiny
-        model = make_tiny(args.out, preset=args.preset, seed=args.seed, shards=args.shards)
+        model = make_tiny(args.out, preset=args.preset, seed=args.seed, shards=args.shards, force=args.force)
         n = sum(p.numel() for p in model.parameters())
         print(f"wrote {args.preset} checkpoint ({n:,} parameters) to {args.out}")
     return 0

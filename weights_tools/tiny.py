@@ -27,16 +27,20 @@ PREPROCESSOR_CONFIG = {
 }
 
 
-def make_tiny(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, shards: int = 2
+def make_tiny(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, shards: int = 2, force: bool = False
               ) -> KimiVLForConditionalGeneration:
     """Write a random `preset` model to `out` as an official checkpoint split into about `shards` files, with the
     preprocessor settings and tokenizer files (a small BPE vocabulary, Kimi special tokens, chat template).
 
     Every parameter is random (norm weights near 1, biases and router correction biases non-zero) so that tests
-    see a wrong layout or a dropped term. Returns the model (float32).
+    see a wrong layout or a dropped term. Returns the model (float32). `out` must be new or empty unless `force`
+    (then files of the same names are replaced and others kept).
     """
     if Path(out).exists() and not Path(out).is_dir():
         raise InputError(f"{out} exists and is not a directory")
+    if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
+        raise InputError(f"{out} is not empty: make-tiny writes into a new or empty folder (--force to write into "
+                         "it anyway)")
     if shards < 1:
         raise InputError(f"shards must be >= 1, got {shards}")
     config = KimiVLConfig.preset(preset)

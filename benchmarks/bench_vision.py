@@ -1,10 +1,8 @@
-"""Speed of the MoonViT tower on one packed batch of 4 images of different sizes, four ways, and the limit.
+"""Speed of the MoonViT tower on one packed batch of 4 images of different sizes, three ways, and the limit.
 
 - packed: the project's path, all images through every layer together, attention per image (varlen_attention);
 - per-image loop: the tower called once per image;
-- dense block mask: packed, but attention as one SDPA call over all patches with a block-diagonal [L, L] mask;
-- packed, reference attention: packed, attention per image through `varlen_attention_reference` (3-D SDPA inputs,
-  which take SDPA's unfused math path on CPU).
+- dense block mask: packed, but attention as one SDPA call over all patches with a block-diagonal [L, L] mask.
 a3b widths (1152 wide, 16 heads, MLP 4304), a few layers (--layers). The limit is FLOPs (linear layers and per-image
 attention) over the rate of the fastest plain GEMM, measured in the same rounds. Times are the best of interleaved
 runs; max |diff| is each way's output against the packed one. On CUDA with flash-attn installed the packed way uses
@@ -25,7 +23,6 @@ from limits import Machine, best_times, describe
 
 import kimivl.vision
 from kimivl import KimiVLConfig
-from kimivl.kernels.attention import varlen_attention_reference
 from kimivl.vision import MoonViT
 
 GRIDS = [(32, 32), (24, 40), (16, 20), (8, 8)]  # patches per image (h, w): 1024 + 960 + 320 + 64
@@ -80,12 +77,7 @@ def main() -> None:
         with attention(dense_block_mask_attention):
             return tower(pixel_values, grid_hws)
 
-    def reference_attention():
-        with attention(varlen_attention_reference):
-            return tower(pixel_values, grid_hws)
-
-    ways = {"packed (kimivl)": packed, "per-image loop": per_image, "dense block mask": dense_mask,
-            "packed, reference": reference_attention}
+    ways = {"packed (kimivl)": packed, "per-image loop": per_image, "dense block mask": dense_mask}
     machine = Machine(device, dtype, [(L, C, 3 * C), (L, C, I), (L, I, C)])
     flops = 2 * L * 3 * p * p * C + args.layers * (2 * L * (4 * C * C + 2 * C * I) + 4 * C * sum(n * n for n in sizes))
     with torch.no_grad():

@@ -123,11 +123,11 @@ def _answer(model, processor, messages: list[dict], config, no_stream: bool = Fa
     return out.text
 
 
-def _user_message(text: str, images: list[str]) -> dict:
+def _user_message(text: str, images: list) -> dict:
     if not images:
         return {"role": "user", "content": text}
-    return {"role": "user", "content": [{"type": "image", "image": p} for p in images] + [{"type": "text",
-                                                                                            "text": text}]}
+    items = [{"type": "image", "image": image} for image in images]
+    return {"role": "user", "content": items + [{"type": "text", "text": text}]}
 
 
 def _system(args: argparse.Namespace) -> list[dict]:
@@ -139,10 +139,9 @@ def _generate(args: argparse.Namespace) -> None:
 
     if not args.prompt.strip():
         raise InputError("--prompt is empty")
-    for path in args.image:  # before the (slow) model load
-        load_image(path)
+    images = [load_image(path) for path in args.image]  # decoded once, before the (slow) model load
     model, processor, config = _load(args)
-    _answer(model, processor, _system(args) + [_user_message(args.prompt, args.image)], config, args.no_stream)
+    _answer(model, processor, _system(args) + [_user_message(args.prompt, images)], config, args.no_stream)
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -170,8 +169,7 @@ def _chat(args: argparse.Namespace) -> None:
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
             try:
-                load_image(path)
-                images.append(path)
+                images.append(load_image(path))
             except InputError as e:
                 print(f"error: {e}", file=sys.stderr)
             continue

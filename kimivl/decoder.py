@@ -134,12 +134,12 @@ class MLAttention(nn.Module):
         cfg = self.config
         q_nope, q_pe = self.project_q(x, cos, sin)
         latent, k_pe = self.project_latent(x, cos, sin)
-        if cache is not None and cache.length > 0:
-            latent, k_pe = cache.write(layer, latent, k_pe)
-            out = absorbed_attention(q_nope, q_pe, latent, k_pe, self.kv_b_proj.weight, mask, self.softmax_scale)
-            return self.o_proj(out.flatten(2))
         if cache is not None:
-            cache.write(layer, latent, k_pe)
+            cached_latent, cached_k_pe = cache.write(layer, latent, k_pe)  # everything cached so far, this chunk too
+            if cache.length > 0:  # a chunk after cached tokens
+                out = absorbed_attention(q_nope, q_pe, cached_latent, cached_k_pe, self.kv_b_proj.weight, mask,
+                                         self.softmax_scale)
+                return self.o_proj(out.flatten(2))
         k_nope, v = self.kv_b_proj(latent).unflatten(-1, (cfg.num_attention_heads, -1)).split(
             [cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)  # [B, T, heads, nope], [B, T, heads, v]
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, heads, T, qk_head_dim]

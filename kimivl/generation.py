@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch

@@ -235,13 +235,13 @@ class KimiVLProcessor:
         return self._encode(prompts, per_prompt)
 
     def _encode(self, prompts: list[str], images: list[list[Any]]) -> ModelInputs:
+        where = [f"conversation {n}: " if len(prompts) > 1 else "" for n in range(len(prompts))]
         for n, (prompt, imgs) in enumerate(zip(prompts, images)):
-            where = f"conversation {n}: " if len(prompts) > 1 else ""
             if len(imgs) != prompt.count(MEDIA_PAD):
-                raise InputError(f"{where}{prompt.count(MEDIA_PAD)} image slots in the prompt but {len(imgs)} images "
-                                 "given")
+                raise InputError(f"{where[n]}{prompt.count(MEDIA_PAD)} image slots in the prompt but {len(imgs)} "
+                                 "images given")
             if None in imgs:
-                raise InputError(f"{where}image item {imgs.index(None)} has no image: give {{'type': 'image', "
+                raise InputError(f"{where[n]}image item {imgs.index(None)} has no image: give {{'type': 'image', "
                                  "'image': path_or_PIL}} or pass images=[...]")
         pixels = self.image_processor([img for imgs in images for img in imgs])
         grids = iter(pixels["image_grid_hws"].tolist())
@@ -253,7 +253,7 @@ class KimiVLProcessor:
                 ids += [self.media_pad_id] * self.image_processor.num_tokens(next(grids))
                 ids += self.tokenizer.encode(piece)
             if not ids:
-                raise InputError(f"{f'conversation {n}: ' if len(prompts) > 1 else ''}the prompt is empty")
+                raise InputError(f"{where[n]}the prompt is empty")
             rows.append(ids)
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_id

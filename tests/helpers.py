@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
+
+from kimivl.checkpoint import INDEX_NAME
 
 
 def image_batch(grids: list[tuple[int, int]], patch: int = 14, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,3 +31,15 @@ def prompt_with_images(config, grids: list[tuple[int, int]], text_len: int = 6, 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def shard_of(ckpt: Path, key: str) -> Path:
+    """The weight file a sharded checkpoint's index names for tensor `key`."""
+    return ckpt / json.loads((ckpt / INDEX_NAME).read_text())["weight_map"][key]
+
+
+def edit_shard(file: Path, edit) -> None:
+    """Rewrite a safetensors file after edit(tensors) changed its dict of tensors in place."""
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})

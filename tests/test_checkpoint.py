@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from kimivl import CheckpointError, InputError, KimiVLForConditionalGeneration
 from kimivl.checkpoint import INDEX_NAME, TensorSource, parse_size, plan_shards, to_official, write_shards
 from weights_tools.__main__ import main as weights_tools_main
+
+from .helpers import edit_shard, shard_of
 
 
 def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -234,16 +236,6 @@ def ckpt(tiny_checkpoint, tmp_path):
     return out
 
 
-def shard_of(ckpt, key):
-    return ckpt / json.loads((ckpt / INDEX_NAME).read_text())["weight_map"][key]
-
-
-def rewrite(path, edit):
-    tensors = load_file(path)
-    edit(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
 def load_error(path) -> str:
     with pytest.raises(CheckpointError) as info:
         KimiVLForConditionalGeneration.from_pretrained(path)
@@ -285,13 +277,13 @@ def test_error_missing_or_broken_config(ckpt):
 def test_error_lists_every_tensor_problem(ckpt):
     key_shape = "language_model.model.layers.1.self_attn.q_proj.weight"
     key_gone = "vision_tower.encoder.blocks.0.wo.bias"
-    rewrite(shard_of(ckpt, key_shape), lambda t: t.update({key_shape: t[key_shape][:-1].clone()}))
+    edit_shard(shard_of(ckpt, key_shape), lambda t: t.update({key_shape: t[key_shape][:-1].clone()}))
 
     def drop_and_add(t):
         del t[key_gone]
         t["language_model.model.layers.1.mlp.experts.99.up_proj.weight"] = torch.zeros(2)
 
-    rewrite(shard_of(ckpt, key_gone), drop_and_add)
+    edit_shard(shard_of(ckpt, key_gone), drop_and_add)
     msg = load_error(ckpt)
     assert f"{key_shape} in {shard_of(ckpt, key_shape).name}: shape [95, 64], expected [96, 64]" in msg
     assert f"{key_gone}: missing ({INDEX_NAME} says {shard_of(ckpt, key_gone).name}, which does not hold it)" in msg
@@ -303,13 +295,13 @@ def test_error_tensor_in_two_shards(ckpt):
     first, second = sorted(ckpt.glob("model-*.safetensors"))
     other = second if shard_of(ckpt, key) == first else first
     value = load_file(shard_of(ckpt, key))[key]
-    rewrite(other, lambda t: t.update({key: value}))
+    edit_shard(other, lambda t: t.update({key: value}))
     assert f"{key}: stored twice" in load_error(ckpt)
 
 
 def test_error_integer_dtype(ckpt):
     key = "language_model.model.norm.weight"
-    rewrite(shard_of(ckpt, key), lambda t: t.update({key: t[key].to(torch.int32)}))
+    edit_shard(shard_of(ckpt, key), lambda t: t.update({key: t[key].to(torch.int32)}))
     assert f"{key} in {shard_of(ckpt, key).name}: dtype I32" in load_error(ckpt)
 
 

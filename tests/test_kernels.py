@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from kimivl import KimiVLConfig
 from kimivl.kernels import moe
-from kimivl.kernels.attention import prefill_attention, varlen_attention, varlen_attention_reference
+from kimivl.kernels.attention import prefill_attention, varlen_attention
 from kimivl.kernels import backend
 from kimivl.kernels.backend import BackendError, backend_for, flash_attn_usable
 from kimivl.kernels.moe import moe_experts, moe_experts_grouped, moe_experts_reference
@@ -118,12 +118,11 @@ def test_route_dispatch_is_the_reference_on_cpu():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_attention_matches_reference(causal):
-    """The CPU path (fused SDPA kernel on 4-D views) against the reference (SDPA's math path on 3-D inputs) and a
-    written-out softmax(q k^T / sqrt(D)) v per sequence; sequences of 1, 7, 40 and 70 rows."""
+    """The CPU path (fused SDPA kernel on 4-D views) against a written-out softmax(q k^T / sqrt(D)) v per sequence
+    in float64; sequences of 1, 7, 40 and 70 rows."""
     q, k, v = (torch.randn(118, 3, 72, dtype=torch.float64).float() for _ in range(3))
     cu = torch.tensor([0, 1, 8, 48, 118], dtype=torch.int32)
     got = varlen_attention(q, k, v, cu, causal)
-    assert rel_err(got, varlen_attention_reference(q, k, v, cu, causal)) <= RTOL
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         scores = torch.einsum("qhd,khd->hqk", q[s:e].double(), k[s:e].double()) / 72 ** 0.5
         if causal:

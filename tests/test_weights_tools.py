@@ -24,6 +24,8 @@ from weights_tools.__main__ import main
 from weights_tools.inspection import inspect_checkpoint
 from weights_tools.verify import all_finite, verify
 
+from .helpers import edit_shard, shard_of
+
 BIAS = "language_model.model.layers.1.mlp.gate.e_score_correction_bias"
 
 
@@ -49,16 +51,6 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def digests(path: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
-
-
-def shard_of(path: Path, key: str) -> Path:
-    return path / json.loads((path / INDEX_NAME).read_text())["weight_map"][key]
-
-
-def edit_shard(file: Path, edit) -> None:
-    tensors = load_file(file)
-    edit(tensors)
-    save_file(tensors, file, metadata={"format": "pt"})
 
 
 def raw_header(file: Path) -> tuple[dict, bytes]:

@@ -20,26 +20,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         from flash_attn import flash_attn_varlen_func
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=causal)
-    return varlen_attention_sdpa(q, k, v, cu_seqlens, causal)
-
-
-def varlen_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                          causal: bool = False) -> torch.Tensor:
-    """One SDPA call per sequence on [1, heads, len, D] views: 4-D inputs reach the fused (flash) CPU kernel, 3-D
-    ones fall back to the unfused math path (4x slower for a 1024-patch image at the a3b widths)."""
-    bounds = cu_seqlens.tolist()
-    outs = [F.scaled_dot_product_attention(q[None, s:e].transpose(1, 2), k[None, s:e].transpose(1, 2),
-                                           v[None, s:e].transpose(1, 2), is_causal=causal)[0].transpose(0, 1)
-            for s, e in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(outs)
+    return varlen_attention_reference(q, k, v, cu_seqlens, causal)
 
 
 def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                                causal: bool = False) -> torch.Tensor:
-    """The reference: one SDPA call per sequence on [heads, len, D] (no L x L mask is built)."""
+    """The torch path and reference: one SDPA call per sequence (no L x L mask), on [1, heads, len, D] views: 4-D
+    inputs reach the fused (flash) CPU kernel, 3-D ones fall back to the unfused math path (4x slower for a
+    1024-patch image at the a3b widths)."""
     bounds = cu_seqlens.tolist()
-    outs = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-                                           is_causal=causal).transpose(0, 1)
+    outs = [F.scaled_dot_product_attention(q[None, s:e].transpose(1, 2), k[None, s:e].transpose(1, 2),
+                                           v[None, s:e].transpose(1, 2), is_causal=causal)[0].transpose(0, 1)
             for s, e in zip(bounds[:-1], bounds[1:])]
     return torch.cat(outs)
 

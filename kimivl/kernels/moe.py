@@ -63,6 +63,11 @@ def dispatch(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.T
     return order, counts, counts.cumsum(0).to(torch.int32)
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """inv with inv[order[i]] = i: for each slot, the sorted row that holds it."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
 def grouped_linear(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """xs [N, in] (rows grouped by expert), w [E, out, in] -> [N, out]: each group times its expert's w.T."""
     if grouped_mm_usable(xs, w):
@@ -94,5 +99,5 @@ def combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torc
     (t, j)), in float32 -> [T, H]. A gather and a batched [1, k] x [k, H] product (on CPU several times faster than
     index_add's scatter)."""
     T, k = weights.shape
-    rows = y.float()[order.argsort()].view(T, k, -1)  # [T, k, H] in slot order
+    rows = y.float()[inverse_permutation(order)].view(T, k, -1)  # [T, k, H] in slot order
     return torch.bmm(weights.float()[:, None, :], rows)[:, 0]

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .backend import tl_precision
-from .moe import dispatch
+from .moe import dispatch, inverse_permutation
 
 BLOCK_N = 64
 BLOCK_K = 32
@@ -139,7 +139,7 @@ def moe_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
         h, down_proj, order, weights.contiguous().view(-1).float(), y, *meta, E, H, I, h.stride(0),
         down_proj.stride(0), down_proj.stride(1), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=precision)
-    row_of_slot = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=x.device))
+    row_of_slot = inverse_permutation(order)
     block_t = 16
     _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, BLOCK_N))](
         y, row_of_slot, out, T, H, y.stride(0), out.stride(0), TOP_K=k, BLOCK_T=block_t, BLOCK_H=BLOCK_N)

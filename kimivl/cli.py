@@ -31,6 +31,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "be answered right")
     p.add_argument("--seed", type=int, default=42,
                    help="seed of the random option picked for an unparsable multiple-choice answer (default 42)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="answer length limit, greedy decoding (default 128; Thinking models need thousands)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--system", help="system prompt (default: the chat format's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     evsub = p.add_subparsers(dest="eval_command", title="subcommand", metavar="make-synthetic")
     m = evsub.add_parser("make-synthetic", help="write the offline OCR / image-QA suite as a TSV",
@@ -56,7 +62,8 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from .eval.runner import format_report, run_benchmark
     report = run_benchmark(args.model, args.data, args.metric, args.out, limit=args.limit,
                            batch_size=args.batch_size, circular=args.circular, seed=args.seed,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                           device=args.device, system=args.system)
     print(format_report(report))
     print(f"report: {args.out}/report.json, {args.out}/report.md; per-sample scores: {args.out}/scores.jsonl")
 

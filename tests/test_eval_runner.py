@@ -1,5 +1,5 @@
-"""The runner: resuming after an interruption gives the same report, and the `kimivl eval` command end to end (with the
-stub predictors until generation lands)."""
+"""The runner: resuming after an interruption gives the same report, and the `kimivl eval` command end to end, with the
+stub predictors and with a tiny random checkpoint (whose scores are meaningless: the pipeline is what is checked)."""
 
 import io
 import json
@@ -11,7 +11,7 @@ from kimivl.cli import main
 from kimivl.eval.data import Sample, read_tsv, write_tsv
 from kimivl.eval.errors import EvalError
 from kimivl.eval.metrics import get_metric
-from kimivl.eval.runner import load_predictor, run_benchmark, run_eval
+from kimivl.eval.runner import ModelPredictor, load_predictor, run_benchmark, run_eval
 from kimivl.eval.synthetic import write_synthetic
 
 
@@ -142,7 +142,7 @@ def test_cli_errors(tmp_path, data, capsys):
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
     assert main(["eval", "--model", str(ckpt), "--data", str(data), "--metric", "ocr", "--out", str(tmp_path)]) == 1
-    assert "generation is not available in kimivl yet" in capsys.readouterr().err
+    assert f"error: {ckpt}" in capsys.readouterr().err  # a broken checkpoint is named, as `kimivl generate` names it
     assert main(["eval", "--model", "stub:oracle", "--data", str(data), "--metric", "vqa",
                  "--out", str(tmp_path / "v")]) == 1
     assert "error: sample 0: VQA accuracy needs the human answers" in capsys.readouterr().err
@@ -150,3 +150,67 @@ def test_cli_errors(tmp_path, data, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--model", "stub:oracle"])
     assert "required: --data, --metric, --out" in capsys.readouterr().err
+
+
+def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint, data, capsys):
+    ckpt, out = tiny_checkpoint("tiny"), tmp_path / "out"
+    args = ["eval", "--model", ckpt, "--data", str(data), "--metric", "ocrbench", "--out", str(out), "--limit", "5",
+            "--batch-size", "2", "--max-new-tokens", "6", "--no-progress"]
+    assert main(args) == 0
+    assert "**OCRBench:" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["n"] == 5 and sum(c["n"] for c in report["categories"].values()) == 5
+    assert report["timing"]["predicted_now"] == 5 and report["timing"]["generation_seconds"] > 0
+    assert report["generation"] == {"max_new_tokens": 6, "temperature": 0.0, "system": None, "dtype": "float32"}
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["index"] for p in predictions] == [str(i) for i in range(5)]
+
+    assert main(args) == 0  # rerun: everything is resumed, nothing predicted again, the same report
+    again = json.loads((out / "report.json").read_text())
+    assert again["timing"]["predicted_now"] == 0 and again["timing"]["resumed"] == 5
+    assert without_timing(again) == without_timing(report)
+    assert (out / "predictions.jsonl").read_text().count("\n") == 5
+
+    longer = [a if a != "6" else "7" for a in args]  # other generation settings: not mixed into these predictions
+    assert main(longer) == 1
+    assert "max_new_tokens" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint):
+    return ModelPredictor(tiny_checkpoint("tiny"), max_new_tokens=8)
+
+
+def test_model_predictor_batch_equals_alone(predictor, data):
+    """Left-padded batches of samples with different prompts answer as each sample does alone (greedy)."""
+    samples = read_tsv(data)[:4]
+    alone = [predictor.predict([s])[0] for s in samples]
+    assert predictor.predict(samples) == alone
+    assert len(set(alone)) > 1  # the answers depend on the sample (random weights, but not a constant)
+
+
+def test_model_predictor_prompt(predictor, data):
+    """One user turn: the sample's images, then the build_prompt text; the processor gives each image its tokens."""
+    sample = read_tsv(data)[0]
+    conv = predictor.conversation(sample)
+    assert [m["role"] for m in conv] == ["user"]
+    items = conv[0]["content"]
+    assert [i["type"] for i in items] == ["image"] * len(sample.images) + ["text"] and len(sample.images) == 1
+    assert items[-1]["text"] == sample.question
+    inputs = predictor.processor(conv)
+    (h, w), = inputs["image_grid_hws"].tolist()  # patches; the 2x2 merge leaves h*w/4 tokens
+    media_pad = predictor.processor.tokenizer.token_id("<|media_pad|>")
+    assert int((inputs["input_ids"][0] == media_pad).sum()) == h * w // 4 > 0
+
+
+def test_model_predictor_scores_the_answer_after_thinking(predictor, monkeypatch):
+    import kimivl.generation
+    monkeypatch.setattr(kimivl.generation, "generate",
+                        lambda *a, **k: ["◁think▷it says 42◁/think▷42", "◁think▷cut short", "plain"])
+    assert predictor.predict([Sample(str(i), "q", ["a"]) for i in range(3)]) == ["42", "", "plain"]
+
+
+def test_model_predictor_names_the_samples_of_a_prompt_too_long(tiny_checkpoint, data):
+    predictor = ModelPredictor(tiny_checkpoint("tiny"), max_new_tokens=2048)  # the tiny context is 2048
+    with pytest.raises(EvalError, match="samples 0, 1: the prompt has .* beyond the model's context of 2048"):
+        predictor.predict(read_tsv(data)[:2])

@@ -2,7 +2,8 @@
 where it stopped), then scored into a report (JSON and a markdown table, overall and per category).
 
 Files in the output directory:
-  run.json           what the predictions are of (model, data, circular); a rerun must match it to resume.
+  run.json           what the predictions are of (model, data, circular, prompt format, generation settings); a
+                     rerun must match it to resume.
   predictions.jsonl  one {"index", "prediction", "seconds"} per line, appended and fsynced batch by batch.
   scores.jsonl       one line per sample: prediction, ground truth, score and the metric's details.
   report.json        overall and per-category summaries, the headline number, counts and timing.
@@ -20,23 +21,32 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from .data import CIRCULAR_STRIDE, Sample, build_prompt, circular_expand, read_dataset
 from .errors import EvalError
 from .metrics import Metric, evaluate, get_metric
 
 log = logging.getLogger(__name__)
 
-IDENTITY = ("model", "data", "circular")  # run.json keys that must match for predictions to be reused
+IDENTITY = ("model", "data", "circular", "prompt", "generation")  # run.json keys a resumed run must match
+PROMPT_FORMAT = "vlmevalkit-v1"  # build_prompt's layout; bump it when the prompt changes so old predictions are not reused
 
 
 class Predictor(Protocol):
-    """Anything that answers a batch of samples with one text each (the model adapter, or a stub)."""
+    """Anything that answers a batch of samples with one text each (the model adapter, or a stub).
+
+    `settings` holds what else decides its answers (generation settings), recorded in run.json: resuming with other
+    settings is refused rather than mixing predictions of two setups."""
+
+    settings: dict
 
     def predict(self, samples: list[Sample]) -> list[str]: ...
 
 
 class OraclePredictor:
     """`stub:oracle`: answers with the first ground truth. A pipeline check, not a model."""
+
+    settings: dict = {}
 
     def predict(self, samples: list[Sample]) -> list[str]:
         return [s.answers[0] if s.answers else "" for s in samples]
@@ -45,6 +55,8 @@ class OraclePredictor:
 class EchoPredictor:
     """`stub:echo`: answers with the prompt text (`build_prompt`). A pipeline check, not a model."""
 
+    settings: dict = {}
+
     def predict(self, samples: list[Sample]) -> list[str]:
         return [build_prompt(s) for s in samples]
 
@@ -52,33 +64,71 @@ class EchoPredictor:
 STUBS = {"stub:oracle": OraclePredictor, "stub:echo": EchoPredictor}
 
 
-def load_predictor(spec: str) -> Predictor:
-    """A stub by name (`stub:oracle`, `stub:echo`), or a checkpoint directory (once generation is available)."""
+class ModelPredictor:
+    """A checkpoint directory answering through `kimivl.generate`: one user turn per sample (its images, then the
+    `build_prompt` text), a batch generated together (left-padded), greedy. A Thinking model's ◁think▷...◁/think▷
+    part is dropped: the answer after it is what gets scored (empty when max_new_tokens cut the thinking short)."""
+
+    def __init__(self, path: str | os.PathLike, *, max_new_tokens: int = 128, dtype: str | None = None,
+                 device: str = "cpu", system: str | None = None):
+        from ..model import KimiVLForConditionalGeneration
+        from ..processing import KimiVLProcessor
+
+        if max_new_tokens < 1:
+            raise EvalError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        self.processor = KimiVLProcessor.from_pretrained(path)
+        self.model = KimiVLForConditionalGeneration.from_pretrained(path, dtype=dtype, device=device).eval()
+        self.max_new_tokens, self.system = max_new_tokens, system
+        self.settings = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "system": system,
+                         "dtype": str(self.model.dtype).removeprefix("torch.")}
+
+    def conversation(self, sample: Sample) -> list[dict]:
+        content = [{"type": "image", "image": im} for im in sample.pil_images()]
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        return messages + [{"role": "user", "content": content + [{"type": "text", "text": build_prompt(sample)}]}]
+
+    def predict(self, samples: list[Sample]) -> list[str]:
+        from ..generation import generate
+        from ..tokenizer import split_thinking
+
+        batch = [self.conversation(s) for s in samples]
+        try:
+            texts = generate(self.model, self.processor, batch, max_new_tokens=self.max_new_tokens)
+        except InputError as e:
+            names = ", ".join(s.index for s in samples)
+            raise EvalError(f"sample{'s' if len(samples) > 1 else ''} {names}: {e}") from None
+        return [split_thinking(t)[1] for t in texts]
+
+
+def load_predictor(spec: str, **settings) -> Predictor:
+    """A stub by name (`stub:oracle`, `stub:echo`) or a checkpoint directory (`ModelPredictor`, given `settings`:
+    max_new_tokens, dtype, device, system)."""
     if spec in STUBS:
         return STUBS[spec]()
     if spec.startswith("stub:"):
         raise EvalError(f"unknown stub {spec!r}; the stubs are {', '.join(STUBS)}")
     if (Path(spec) / "config.json").is_file():
-        raise EvalError(f"{spec}: generation is not available in kimivl yet (it comes with the inference issue); "
-                        f"use --model {' or '.join(STUBS)} to check the evaluation pipeline")
+        return ModelPredictor(spec, **settings)
     raise EvalError(f"--model {spec}: not a checkpoint directory (no config.json) and not one of {', '.join(STUBS)}")
 
 
 def run_benchmark(model: str, data: str | os.PathLike, metric: str, out: str | os.PathLike, *,
                   limit: int | None = None, batch_size: int = 8, circular: bool = False, seed: int = 42,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, **settings) -> dict:
     """`kimivl eval`: read `data`, keep the first `limit` rows, expand them for circular evaluation if asked,
-    predict with `model` and score with `metric` into `out`. Returns the report."""
+    predict with `model` (a checkpoint directory, loaded with `settings`, or a stub) and score with `metric` into
+    `out`. Returns the report."""
     scorer = get_metric(metric, seed=seed, circular=circular)  # before any work, so a bad name fails at once
-    predictor = load_predictor(model)
-    samples = read_dataset(data)
-    if limit is not None:
-        if limit < 1:
-            raise EvalError(f"--limit must be at least 1, got {limit}")
-        samples = samples[:limit]
+    if limit is not None and limit < 1:
+        raise EvalError(f"--limit must be at least 1, got {limit}")
+    samples = read_dataset(data)[:limit]
     if circular:
         samples = _circular(samples)
-    info = {"model": model, "data": str(Path(data).resolve()), "circular": circular}
+    check_samples(scorer, samples)
+    predictor = load_predictor(model, **settings)  # after checking the data, which is faster than loading a model
+    where = model if model.startswith("stub:") else str(Path(model).resolve())
+    info = {"model": where, "data": str(Path(data).resolve()), "circular": circular, "prompt": PROMPT_FORMAT,
+            "generation": predictor.settings}
     return run_eval(predictor, samples, scorer, out, batch_size=batch_size, run_info=info, progress=progress)
 
 
@@ -92,14 +142,20 @@ def _circular(samples: list[Sample]) -> list[Sample]:
     return samples
 
 
+def check_samples(metric: Metric, samples: list[Sample]) -> None:
+    """Fail now, not after generation, on a sample the metric cannot score (VQA without human answers, an answer
+    that is not one of the options, ...)."""
+    for s in samples:
+        metric.score(s, "")
+
+
 def run_eval(predictor: Predictor, samples: list[Sample], metric: Metric, out_dir: str | os.PathLike, *,
              batch_size: int = 8, run_info: dict | None = None, progress: bool = True) -> dict:
     """Predict every sample that `out_dir/predictions.jsonl` does not hold yet, appending each batch as it is done,
     then score all of them and write the report. Safe to interrupt at any point and call again."""
     if batch_size < 1:
         raise EvalError(f"--batch-size must be at least 1, got {batch_size}")
-    for s in samples:  # a malformed sample (an answer that is not an option, ...) fails now, not after generation
-        metric.score(s, "")
+    check_samples(metric, samples)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = dict(run_info or {})

@@ -29,7 +29,7 @@ from .metrics import Metric, evaluate, get_metric
 log = logging.getLogger(__name__)
 
 IDENTITY = ("model", "data", "circular", "prompt", "generation")  # run.json keys a resumed run must match
-PROMPT_FORMAT = "vlmevalkit-v1"  # build_prompt's layout; bump it when the prompt changes so old predictions are not reused
+PROMPT_FORMAT = "vlmevalkit-v1"  # build_prompt's layout; bump it when the prompt changes so old predictions go unused
 
 
 class Predictor(Protocol):

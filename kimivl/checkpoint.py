@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from tqdm import tqdm
 
 from .config import KimiVLConfig
 from .errors import CheckpointError, InputError, KimiVLError
@@ -380,13 +381,15 @@ def locate_tensors(headers: dict[str, dict[str, TensorInfo]], expected: dict[str
 
 
 # ---- loading ----------------------------------------------------------------------------------------------------
-def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"):
+def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+         progress: bool | None = None):
     """Read config.json and the safetensors weights of a checkpoint directory into a new model.
 
     The model is built on the meta device and materialised straight from the files. Every problem (unreadable or
     missing files, missing, unexpected, misshapen or duplicated tensors) is collected and raised as one
     CheckpointError. dtype (a torch.dtype or its name) None means float32 on CPU (where bfloat16 matmuls are very
-    slow) and the config's torch_dtype elsewhere; router correction biases are always kept in float32.
+    slow) and the config's torch_dtype elsewhere; router correction biases are always kept in float32. A progress
+    bar over the bytes read goes to stderr when `progress` is True, or None and stderr is a terminal.
     """
     from .model import KimiVLForConditionalGeneration
 
@@ -399,9 +402,13 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
         model = KimiVLForConditionalGeneration(layout.config)
     state = {name: torch.empty(t.shape, dtype=torch.float32 if name.endswith(KEEP_FLOAT32) else dtype, device=device)
              for name, t in model.state_dict().items()}
-    for name, t in state.items():
-        for off, idx in official_parts(name, t.shape):
-            t[idx].copy_(read_tensor(layout.file(off), layout.info(off)))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"load {Path(path).name}",
+              disable=None if progress is None else not progress) as bar:
+        for name, t in state.items():
+            for off, idx in official_parts(name, t.shape):
+                t[idx].copy_(read_tensor(layout.file(off), layout.info(off)))
+            bar.update(t.numel() * t.element_size())
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
 

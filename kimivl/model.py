@@ -123,10 +123,11 @@ class KimiVLForConditionalGeneration(nn.Module):
     # ---- checkpoints -----------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                        device: str | torch.device = "cpu") -> "KimiVLForConditionalGeneration":
+                        device: str | torch.device = "cpu", progress: bool | None = None
+                        ) -> "KimiVLForConditionalGeneration":
         """Load an official-format checkpoint directory (see `kimivl.checkpoint.load`)."""
         from .checkpoint import load
-        return load(path, dtype=dtype, device=device)
+        return load(path, dtype=dtype, device=device, progress=progress)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         """Write the official layout: config.json, safetensors shard(s) and an index when sharded."""

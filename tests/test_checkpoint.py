@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from kimivl import CheckpointError, InputError, KimiVLForConditionalGeneration
 from kimivl.checkpoint import INDEX_NAME, TensorSource, parse_size, plan_shards, to_official, write_shards
@@ -118,6 +119,17 @@ def test_load_in_bfloat16_and_save_records_dtype(tiny_checkpoint, tmp_path):
         assert h.get_slice("language_model.model.layers.1.mlp.gate.e_score_correction_bias").get_dtype() == "F32"
         assert h.get_slice("language_model.model.layers.1.mlp.gate.weight").get_dtype() == "BF16"
     assert state_equal(model, KimiVLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16))
+
+
+def test_load_progress_bar(tiny_checkpoint, capsys):
+    """A bar over the bytes read, on request (and by default only on a terminal: none here, where stderr is not)."""
+    model = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"), progress=True)
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    err = capsys.readouterr().err
+    size = tqdm.format_sizeof(total)
+    assert "load " in err and "100%" in err and f"{size}/{size}" in err
+    KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"))
+    assert capsys.readouterr().err == ""
 
 
 def test_loading_never_unpickles(tiny_checkpoint, monkeypatch):

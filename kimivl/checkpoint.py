@@ -12,6 +12,7 @@ tensors can be streamed chunk by chunk: the checkpoint tools rewrite a 32 GB che
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -395,8 +396,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
 
     layout = read_layout(path)
     device = _device(device)
-    dtype = parse_dtype(dtype) if dtype is not None else (
-        torch.float32 if device.type == "cpu" else parse_dtype(layout.config.torch_dtype or "bfloat16"))
+    dtype = load_dtype(dtype, device, layout.config)
     layout.raise_problems("cannot be loaded")
     with torch.device("meta"):
         model = KimiVLForConditionalGeneration(layout.config)
@@ -519,6 +519,31 @@ def parse_dtype(value: torch.dtype | str) -> torch.dtype:
         raise InputError(f"dtype must be a floating-point torch dtype or its name (e.g. 'float32', 'bfloat16'), "
                          f"got {value!r}")
     return dt
+
+
+def load_dtype(dtype: torch.dtype | str | None, device: str | torch.device, config: KimiVLConfig) -> torch.dtype:
+    """The dtype `load` gives the weights: `dtype` itself, or for None float32 on CPU (where bfloat16 matmuls are very
+    slow) and the config's torch_dtype elsewhere."""
+    if dtype is not None:
+        return parse_dtype(dtype)
+    return torch.float32 if _device(device).type == "cpu" else parse_dtype(config.torch_dtype or "bfloat16")
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """A cheap identity of a checkpoint's contents: sha256 of config.json and of each weight file's name, size and
+    modification time. Rewriting the weights (a new save, a retrained model) changes it; copying a checkpoint without
+    keeping modification times changes it too."""
+    path = Path(path)
+    h = hashlib.sha256()
+    try:
+        h.update((path / "config.json").read_bytes())
+        index, files = find_shards(path)
+        for name in [INDEX_NAME] * (index is not None) + sorted(files):
+            st = (path / name).stat()
+            h.update(f"\0{name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read {e.filename}: {e.strerror}") from None
+    return h.hexdigest()[:16]
 
 
 def _device(value: str | torch.device) -> torch.device:

@@ -3,10 +3,15 @@ stub predictors and with a tiny random checkpoint (whose scores are meaningless:
 
 import io
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from kimivl import KimiVLForConditionalGeneration
 from kimivl.cli import main
 from kimivl.eval.data import Sample, read_tsv, write_tsv
 from kimivl.eval.errors import EvalError
@@ -43,7 +48,7 @@ def without_timing(report):
 
 
 def run(samples, out, predictor, metric="ocr", **kw):
-    return run_eval(predictor, samples, get_metric(metric), out, batch_size=3, run_info={"model": "student"},
+    return run_eval(predictor, samples, get_metric(metric), out, batch_size=3, run_info={"checkpoint": "student"},
                     progress=False, **kw)
 
 
@@ -79,8 +84,9 @@ def test_resume_after_interruption_gives_the_same_report(tmp_path, data):
 def test_run_refuses_predictions_of_another_run(tmp_path, data):
     samples = read_tsv(data)[:4]
     run(samples, tmp_path, Student())
-    with pytest.raises(EvalError, match="holds predictions of another run .*model: 'student' there, 'other' now"):
-        run_eval(Student(), samples, get_metric("ocr"), tmp_path, run_info={"model": "other"}, progress=False)
+    with pytest.raises(EvalError, match="holds predictions of another run: the model or its weight files differ "
+                                        r"\(checkpoint: 'student' there, 'other' now\)"):
+        run_eval(Student(), samples, get_metric("ocr"), tmp_path, run_info={"checkpoint": "other"}, progress=False)
 
 
 def test_predictor_contract_is_checked(tmp_path, data):
@@ -137,12 +143,13 @@ def test_cli_multiple_choice_circular_with_echo(tmp_path, capsys):
     assert "random_picks" in capsys.readouterr().out
 
 
-def test_cli_errors(tmp_path, data, capsys):
+def test_cli_errors(tmp_path, data, capsys, tiny_checkpoint):
     ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text("{}")
-    assert main(["eval", "--model", str(ckpt), "--data", str(data), "--metric", "ocr", "--out", str(tmp_path)]) == 1
-    assert f"error: {ckpt}" in capsys.readouterr().err  # a broken checkpoint is named, as `kimivl generate` names it
+    shutil.copytree(tiny_checkpoint("tiny"), ckpt)
+    shard = next(ckpt.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # a truncated weight file: refused before anything is written
+    assert main(["eval", "--model", str(ckpt), "--data", str(data), "--metric", "ocr", "--out", str(tmp_path / "o")]) == 1
+    assert f"error: checkpoint {ckpt} cannot be loaded" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert main(["eval", "--model", "stub:oracle", "--data", str(data), "--metric", "vqa",
                  "--out", str(tmp_path / "v")]) == 1
     assert "error: sample 0: VQA accuracy needs the human answers" in capsys.readouterr().err
@@ -152,12 +159,13 @@ def test_cli_errors(tmp_path, data, capsys):
     assert "required: --data, --metric, --out" in capsys.readouterr().err
 
 
-def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint, data, capsys):
+def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint, data, capsys, monkeypatch):
     ckpt, out = tiny_checkpoint("tiny"), tmp_path / "out"
     args = ["eval", "--model", ckpt, "--data", str(data), "--metric", "ocrbench", "--out", str(out), "--limit", "5",
             "--batch-size", "2", "--max-new-tokens", "6", "--no-progress"]
     assert main(args) == 0
-    assert "**OCRBench:" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "**OCRBench:" in captured.out and "100%" not in captured.err  # --no-progress: no load or eval bar
     report = json.loads((out / "report.json").read_text())
     assert report["n"] == 5 and sum(c["n"] for c in report["categories"].values()) == 5
     assert report["timing"]["predicted_now"] == 5 and report["timing"]["generation_seconds"] > 0
@@ -165,15 +173,72 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_checkpoint, data, ca
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["index"] for p in predictions] == [str(i) for i in range(5)]
 
-    assert main(args) == 0  # rerun: everything is resumed, nothing predicted again, the same report
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded with nothing left to predict")
+    monkeypatch.setattr(KimiVLForConditionalGeneration, "from_pretrained", no_loading)
+    monkeypatch.chdir(Path(ckpt).parent)  # the same checkpoint by a relative path, the data moved: still this run
+    moved = tmp_path / "moved.tsv"
+    shutil.copy(data, moved)
+    relative = [os.path.basename(ckpt) if a == ckpt else str(moved) if a == str(data) else a for a in args]
+    assert main(relative) == 0  # rerun: everything is resumed, nothing predicted again (or loaded), the same report
     again = json.loads((out / "report.json").read_text())
     assert again["timing"]["predicted_now"] == 0 and again["timing"]["resumed"] == 5
-    assert without_timing(again) == without_timing(report)
+    assert without_timing(again) == without_timing(report) | {"data": str(moved)}
     assert (out / "predictions.jsonl").read_text().count("\n") == 5
 
-    longer = [a if a != "6" else "7" for a in args]  # other generation settings: not mixed into these predictions
-    assert main(longer) == 1
-    assert "max_new_tokens" in capsys.readouterr().err
+
+@pytest.mark.parametrize("change, reason", [
+    ("max_new_tokens", "the generation settings differ"),
+    ("weights", "the model or its weight files differ"),
+    ("data", "the data file's contents differ"),
+])
+def test_cli_refuses_to_mix_runs(tmp_path, tiny_checkpoint, data, capsys, change, reason):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("tiny"), ckpt)
+    model = KimiVLForConditionalGeneration.from_pretrained(ckpt)
+    model.save_pretrained(ckpt)  # as save_pretrained writes it, so that a second save differs only in the weights
+    config = (ckpt / "config.json").read_bytes()
+    tsv = tmp_path / "data.tsv"
+    shutil.copy(data, tsv)
+    args = ["eval", "--model", str(ckpt), "--data", str(tsv), "--metric", "ocr", "--out", str(tmp_path / "out"),
+            "--limit", "2", "--max-new-tokens", "4", "--no-progress"]
+    assert main(args) == 0
+    if change == "max_new_tokens":
+        args[args.index("4")] = "5"
+    elif change == "weights":  # trained further into the same folder: the same config and file sizes
+        with torch.no_grad():
+            model.language_model.lm_head.weight.mul_(2)
+        model.save_pretrained(ckpt)
+        assert (ckpt / "config.json").read_bytes() == config
+    else:
+        write_synthetic(tsv, n=20, seed=4)
+    capsys.readouterr()
+    assert main(args) == 1
+    assert f"holds predictions of another run: {reason}" in capsys.readouterr().err
+
+
+def test_cli_interrupted_run_resumes_with_the_same_predictions(tmp_path, tiny_checkpoint, data, capsys, monkeypatch):
+    import kimivl.generation
+    ckpt = tiny_checkpoint("tiny")
+    args = ["eval", "--model", ckpt, "--data", str(data), "--metric", "ocr", "--limit", "6", "--batch-size", "2",
+            "--max-new-tokens", "4", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+    real, calls = kimivl.generation.generate, []
+
+    def ctrl_c_on_the_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(kimivl.generation, "generate", ctrl_c_on_the_second_batch)
+    assert main(args + ["--out", str(tmp_path / "cut")]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert (tmp_path / "cut" / "predictions.jsonl").read_text().count("\n") == 2
+    assert main(args + ["--out", str(tmp_path / "cut")]) == 0
+    whole, cut = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("whole", "cut"))
+    assert cut["timing"]["resumed"] == 2 and cut["timing"]["predicted_now"] == 4
+    preds = {d: (tmp_path / d / "scores.jsonl").read_text() for d in ("whole", "cut")}
+    assert preds["whole"] == preds["cut"] and without_timing(whole) == without_timing(cut)
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +268,16 @@ def test_model_predictor_prompt(predictor, data):
     assert int((inputs["input_ids"][0] == media_pad).sum()) == h * w // 4 > 0
 
 
+def test_model_predictor_settings(tiny_checkpoint):
+    p = ModelPredictor(tiny_checkpoint("tiny"), system="", dtype="bfloat16")
+    assert p.settings == {"max_new_tokens": 128, "temperature": 0.0, "system": None, "dtype": "bfloat16"}
+    assert p._model is None  # not loaded until something is predicted
+    with pytest.raises(EvalError, match="--max-new-tokens 2048 leaves no room for a prompt in the model's context"):
+        ModelPredictor(tiny_checkpoint("tiny"), max_new_tokens=2048)  # checked before loading anything
+    with pytest.raises(EvalError, match="at least 1"):
+        ModelPredictor(tiny_checkpoint("tiny"), max_new_tokens=0)
+
+
 def test_model_predictor_scores_the_answer_after_thinking(predictor, monkeypatch):
     import kimivl.generation
     monkeypatch.setattr(kimivl.generation, "generate",
@@ -210,7 +285,9 @@ def test_model_predictor_scores_the_answer_after_thinking(predictor, monkeypatch
     assert predictor.predict([Sample(str(i), "q", ["a"]) for i in range(3)]) == ["42", "", "plain"]
 
 
-def test_model_predictor_names_the_samples_of_a_prompt_too_long(tiny_checkpoint, data):
-    predictor = ModelPredictor(tiny_checkpoint("tiny"), max_new_tokens=2048)  # the tiny context is 2048
-    with pytest.raises(EvalError, match="samples 0, 1: the prompt has .* beyond the model's context of 2048"):
-        predictor.predict(read_tsv(data)[:2])
+def test_model_predictor_names_only_the_samples_too_long(predictor, data):
+    short, long = read_tsv(data)[:2]
+    long.question = " ".join(["the"] * 2100)  # the tiny context is 2048 tokens
+    with pytest.raises(EvalError, match=r"^sample 1 \(2\d\d\d tokens\): the prompt and --max-new-tokens 8 do not fit "
+                                        "in the model's context of 2048 tokens"):
+        predictor.predict([short, long])

@@ -2,8 +2,8 @@
 where it stopped), then scored into a report (JSON and a markdown table, overall and per category).
 
 Files in the output directory:
-  run.json           what the predictions are of (model, data, circular, prompt format, generation settings); a
-                     rerun must match it to resume.
+  run.json           what the predictions are of (checkpoint fingerprint, data sha256, circular, prompt format,
+                     generation settings); a rerun must match it to resume.
   predictions.jsonl  one {"index", "prediction", "seconds"} per line, appended and fsynced batch by batch.
   scores.jsonl       one line per sample: prediction, ground truth, score and the metric's details.
   report.json        overall and per-category summaries, the headline number, counts and timing.
@@ -12,6 +12,7 @@ Files in the output directory:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
+from ..checkpoint import fingerprint
 from ..errors import InputError
 from .data import CIRCULAR_STRIDE, Sample, build_prompt, circular_expand, read_dataset
 from .errors import EvalError
@@ -28,7 +30,11 @@ from .metrics import Metric, evaluate, get_metric
 
 log = logging.getLogger(__name__)
 
-IDENTITY = ("model", "data", "circular", "prompt", "generation")  # run.json keys a resumed run must match
+# run.json keys a resumed run must match: what was asked and answered, not where the files are (a moved checkpoint
+# or data file still resumes)
+IDENTITY = {"checkpoint": "the model or its weight files differ", "data_sha256": "the data file's contents differ",
+            "circular": "circular evaluation is on in one, off in the other",
+            "prompt": "the prompt format of kimivl differs", "generation": "the generation settings differ"}
 PROMPT_FORMAT = "vlmevalkit-v1"  # build_prompt's layout; bump it when the prompt changes so old predictions go unused
 
 
@@ -67,20 +73,39 @@ STUBS = {"stub:oracle": OraclePredictor, "stub:echo": EchoPredictor}
 class ModelPredictor:
     """A checkpoint directory answering through `kimivl.generate`: one user turn per sample (its images, then the
     `build_prompt` text), a batch generated together (left-padded), greedy. A Thinking model's ◁think▷...◁/think▷
-    part is dropped: the answer after it is what gets scored (empty when max_new_tokens cut the thinking short)."""
+    part is dropped: the answer after it is what gets scored (empty when max_new_tokens cut the thinking short).
+
+    The checkpoint's files, tokenizer and settings are checked at once; the weights load on the first `predict`, so a
+    run with nothing left to predict (or refused for another reason) never waits for them."""
 
     def __init__(self, path: str | os.PathLike, *, max_new_tokens: int = 128, dtype: str | None = None,
-                 device: str = "cpu", system: str | None = None):
-        from ..model import KimiVLForConditionalGeneration
+                 device: str = "cpu", system: str | None = None, progress: bool | None = None):
+        from ..checkpoint import load_dtype, read_layout
         from ..processing import KimiVLProcessor
 
         if max_new_tokens < 1:
             raise EvalError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        layout = read_layout(path)
+        layout.raise_problems("cannot be loaded")
+        context = layout.config.text_config.max_position_embeddings
+        if max_new_tokens >= context:
+            raise EvalError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context "
+                            f"of {context} tokens")
+        self.path, self.device, self.progress, self.context = path, device, progress, context
+        self.dtype = load_dtype(dtype, device, layout.config)
         self.processor = KimiVLProcessor.from_pretrained(path)
-        self.model = KimiVLForConditionalGeneration.from_pretrained(path, dtype=dtype, device=device).eval()
-        self.max_new_tokens, self.system = max_new_tokens, system
-        self.settings = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "system": system,
-                         "dtype": str(self.model.dtype).removeprefix("torch.")}
+        self.max_new_tokens, self.system = max_new_tokens, system or None
+        self.settings = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "system": self.system,
+                         "dtype": str(self.dtype).removeprefix("torch.")}
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from ..model import KimiVLForConditionalGeneration
+            self._model = KimiVLForConditionalGeneration.from_pretrained(
+                self.path, dtype=self.dtype, device=self.device, progress=self.progress)
+        return self._model
 
     def conversation(self, sample: Sample) -> list[dict]:
         content = [{"type": "image", "image": im} for im in sample.pil_images()]
@@ -94,15 +119,21 @@ class ModelPredictor:
         batch = [self.conversation(s) for s in samples]
         try:
             texts = generate(self.model, self.processor, batch, max_new_tokens=self.max_new_tokens)
-        except InputError as e:
-            names = ", ".join(s.index for s in samples)
-            raise EvalError(f"sample{'s' if len(samples) > 1 else ''} {names}: {e}") from None
+        except InputError:
+            lengths = self.processor(batch)["attention_mask"].sum(-1).tolist()
+            long = [f"{s.index} ({n} tokens)" for s, n in zip(samples, lengths)
+                    if n + self.max_new_tokens > self.context]
+            if not long:
+                raise
+            raise EvalError(f"sample{'s' * (len(long) > 1)} {', '.join(long)}: the prompt and --max-new-tokens "
+                            f"{self.max_new_tokens} do not fit in the model's context of {self.context} tokens; "
+                            "lower --max-new-tokens or leave the sample out") from None
         return [split_thinking(t)[1] for t in texts]
 
 
 def load_predictor(spec: str, **settings) -> Predictor:
     """A stub by name (`stub:oracle`, `stub:echo`) or a checkpoint directory (`ModelPredictor`, given `settings`:
-    max_new_tokens, dtype, device, system)."""
+    max_new_tokens, dtype, device, system, progress; stubs ignore them)."""
     if spec in STUBS:
         return STUBS[spec]()
     if spec.startswith("stub:"):
@@ -125,9 +156,12 @@ def run_benchmark(model: str, data: str | os.PathLike, metric: str, out: str | o
     if circular:
         samples = _circular(samples)
     check_samples(scorer, samples)
-    predictor = load_predictor(model, **settings)  # after checking the data, which is faster than loading a model
-    where = model if model.startswith("stub:") else str(Path(model).resolve())
-    info = {"model": where, "data": str(Path(data).resolve()), "circular": circular, "prompt": PROMPT_FORMAT,
+    predictor = load_predictor(model, progress=progress, **settings)
+    stub = model.startswith("stub:")
+    with open(data, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    info = {"model": model if stub else str(Path(model).resolve()), "checkpoint": model if stub else fingerprint(model),
+            "data": str(Path(data).resolve()), "data_sha256": digest, "circular": circular, "prompt": PROMPT_FORMAT,
             "generation": predictor.settings}
     return run_eval(predictor, samples, scorer, out, batch_size=batch_size, run_info=info, progress=progress)
 
@@ -240,10 +274,11 @@ def _check_run(path: Path, info: dict) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             raise EvalError(f"{path} is not valid JSON; delete {path.parent} to start this run afresh") from None
-        diff = [f"{k}: {old.get(k)!r} there, {info.get(k)!r} now" for k in IDENTITY if old.get(k) != info.get(k)]
+        diff = [f"{why} ({k}: {old.get(k)!r} there, {info.get(k)!r} now)" for k, why in IDENTITY.items()
+                if old.get(k) != info.get(k)]
         if diff:
-            raise EvalError(f"{path.parent} holds predictions of another run ({'; '.join(diff)}); "
-                            "use another --out directory or delete this one")
+            raise EvalError(f"{path.parent} holds predictions of another run: {'; '.join(diff)}. Use another --out "
+                            "directory, or delete this one to start afresh")
     else:
         _write_atomic(path, json.dumps(info, indent=2) + "\n")
 

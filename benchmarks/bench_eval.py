@@ -57,7 +57,8 @@ def main() -> None:
                 for i in range(0, len(samples), bs):
                     out += predictor.predict(samples[i:i + bs])
                 per = (time.perf_counter() - start) / len(samples)
-                base, answers = (per, out) if base is None else (base, answers)
+                if base is None:
+                    base, answers = per, out
                 print(f"| {preset} | {bs} | {per:.3f} | {base / per:.2f}x | {'yes' if out == answers else 'NO'} |")
 
 

@@ -43,3 +43,12 @@ def edit_shard(file: Path, edit) -> None:
     tensors = load_file(file)
     edit(tensors)
     save_file(tensors, file, metadata={"format": "pt"})
+
+
+def store_twice(ckpt: Path, key: str) -> Path:
+    """Copy tensor `key` into a second shard of a two-shard checkpoint (a corruption); returns that shard."""
+    first, second = sorted(ckpt.glob("model-*.safetensors"))
+    other = second if shard_of(ckpt, key) == first else first
+    value = load_file(shard_of(ckpt, key))[key]
+    edit_shard(other, lambda t: t.update({key: value}))
+    return other

@@ -17,7 +17,7 @@ from kimivl import CheckpointError, InputError, KimiVLForConditionalGeneration
 from kimivl.checkpoint import INDEX_NAME, TensorSource, parse_size, plan_shards, to_official, write_shards
 from weights_tools.__main__ import main as weights_tools_main
 
-from .helpers import edit_shard, shard_of
+from .helpers import edit_shard, shard_of, store_twice
 
 
 def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -304,10 +304,7 @@ def test_error_lists_every_tensor_problem(ckpt):
 
 def test_error_tensor_in_two_shards(ckpt):
     key = "language_model.lm_head.weight"
-    first, second = sorted(ckpt.glob("model-*.safetensors"))
-    other = second if shard_of(ckpt, key) == first else first
-    value = load_file(shard_of(ckpt, key))[key]
-    edit_shard(other, lambda t: t.update({key: value}))
+    store_twice(ckpt, key)
     assert f"{key}: stored twice" in load_error(ckpt)
 
 

@@ -24,7 +24,7 @@ from weights_tools.__main__ import main
 from weights_tools.inspection import inspect_checkpoint
 from weights_tools.verify import all_finite, verify
 
-from .helpers import edit_shard, shard_of
+from .helpers import edit_shard, shard_of, store_twice
 
 BIAS = "language_model.model.layers.1.mlp.gate.e_score_correction_bias"
 
@@ -272,11 +272,7 @@ def index_names_missing_file(src):
 
 def stored_twice(src):
     key = "language_model.model.norm.weight"
-    first, second = sorted(src.glob("model-*.safetensors"))
-    other = second if shard_of(src, key) == first else first
-    value = load_file(shard_of(src, key))[key]
-    edit_shard(other, lambda t: t.update({key: value}))
-    return other.name, [key, "stored twice"]
+    return store_twice(src, key).name, [key, "stored twice"]
 
 
 def wrong_shape(src):

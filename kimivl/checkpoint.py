@@ -414,9 +414,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
 
 
 # ---- saving -----------------------------------------------------------------------------------------------------
-def save(model, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+def save(model, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+         state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json and the weights under their official names, sharded with an index when they exceed
-    max_shard_size.
+    max_shard_size. `state_dict` (the model's own names) replaces the model's tensors, e.g. LoRA-merged weights.
 
     Everything is first written to a staging folder inside `path`. Publishing removes the old entry point (index or
     single file) first and puts the new one in place last, so an interrupted save never leaves a directory that
@@ -428,7 +429,8 @@ def save(model, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> N
     previous = _weight_files(path)
     stage = Path(tempfile.mkdtemp(prefix=".kimivl-save-", dir=path))
     try:
-        names = write_shards(stage, to_official(model.state_dict()), max_bytes)
+        names = write_shards(stage, to_official(model.state_dict() if state_dict is None else state_dict),
+                             max_bytes)
         entry = SINGLE_NAME if len(names) == 1 else INDEX_NAME
         config = copy.deepcopy(model.config)
         config.torch_dtype = config.vision_config.torch_dtype = config.text_config.torch_dtype = \

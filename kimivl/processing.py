@@ -3,6 +3,7 @@ the tokenizer and chat format (spec 5, 7)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -10,7 +11,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -200,6 +201,13 @@ class KimiVLProcessor:
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
 
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer files and `preprocessor_config.json` into a checkpoint directory."""
+        self.tokenizer.save_pretrained(path)
+        settings = {"image_processor_type": "KimiVLImageProcessor", "processor_class": "KimiVLProcessor",
+                    **dataclasses.asdict(self.image_processor)}
+        (Path(path) / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
 
@@ -247,11 +255,7 @@ class KimiVLProcessor:
         grids = iter(pixels["image_grid_hws"].tolist())
         rows = []
         for n, prompt in enumerate(prompts):
-            pieces = prompt.split(MEDIA_PAD)
-            ids = self.tokenizer.encode(pieces[0])
-            for piece in pieces[1:]:
-                ids += [self.media_pad_id] * self.image_processor.num_tokens(next(grids))
-                ids += self.tokenizer.encode(piece)
+            ids = self.tokenize(prompt, grids)
             if not ids:
                 raise InputError(f"{where[n]}the prompt is empty")
             rows.append(ids)
@@ -262,6 +266,15 @@ class KimiVLProcessor:
         if pixels["image_grid_hws"].numel():
             out.update(pixels)
         return out
+
+    def tokenize(self, text: str, grids: Iterator[list[int]]) -> list[int]:
+        """Token ids of `text`, each `<|media_pad|>` expanded to the merged token count of the next image grid."""
+        pieces = text.split(MEDIA_PAD)
+        ids = self.tokenizer.encode(pieces[0])
+        for piece in pieces[1:]:
+            ids += [self.media_pad_id] * self.image_processor.num_tokens(next(grids))
+            ids += self.tokenizer.encode(piece)
+        return ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):

@@ -91,6 +91,7 @@ class KimiTokenizer:
         self.encoding = tiktoken.Encoding("kimi", pat_str=PAT_STR, mergeable_ranks=mergeable_ranks,
                                           special_tokens=self.special_tokens)
         self.num_base_tokens = n
+        self.mergeable_ranks, self.named_specials = mergeable_ranks, dict(names)
         self.chat_template = chat_template
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
 
@@ -119,6 +120,21 @@ class KimiTokenizer:
             template = (path / "chat_template.jinja").read_text()
         kwargs = {k: _token_name(config[k]) for k in ("eos_token", "pad_token", "bos_token") if config.get(k)}
         return cls(ranks, named, chat_template=template, **kwargs)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write `tiktoken.model`, `tokenizer_config.json` and (when the tokenizer has one) `chat_template.jinja`:
+        the files `from_pretrained` reads."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_tiktoken_model(self.mergeable_ranks, path / "tiktoken.model")
+        entry = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        config = {"tokenizer_class": "TikTokenTokenizer",
+                  "added_tokens_decoder": {str(i): {"content": name, **entry}
+                                           for i, name in sorted(self.named_specials.items())},
+                  "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if self.chat_template is not None:
+            (path / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
 
     # ---- ids ---------------------------------------------------------------------------------------------------
     @property

@@ -1,4 +1,5 @@
-"""The `kimivl` command: `generate` (one answer, streamed), `chat` (interactive) and `eval` (benchmarks)."""
+"""The `kimivl` command: `generate` (one answer, streamed), `chat` (interactive), `eval` (benchmarks) and `train`
+(finetuning)."""
 
 from __future__ import annotations
 
@@ -195,12 +196,104 @@ def _chat(args: argparse.Namespace) -> None:
         images = []
 
 
+TRAIN_HELP = {
+    "steps": "optimizer steps", "batch_size": "conversations per step, all processes together",
+    "micro_batch_size": "conversations per forward/backward on one process (0: its whole share)",
+    "lr": "peak learning rate (AdamW)", "min_lr_ratio": "the cosine ends at lr * this",
+    "warmup_steps": "linear warmup steps", "weight_decay": "AdamW weight decay on matrices",
+    "betas": "AdamW betas", "grad_clip": "max gradient norm (0: off)", "seed": "seed of data order and init",
+    "freeze": "parts that do not train", "lora_rank": "LoRA rank (0: full finetuning)",
+    "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout", "lora_targets": "layer groups given adapters",
+    "gradient_checkpointing": "recompute each block in the backward (less memory)",
+    "bf16": "bfloat16 autocast (default: on where the device supports it, never on CPU)",
+    "balance": "expert balance: bias (aux-loss-free update), aux (sequence-level loss) or none",
+    "bias_update_speed": "gamma of the bias update", "aux_loss_alpha": "weight of the aux loss (default: config)",
+    "max_length": "refuse conversations longer than this (default: the context)",
+    "save_every": "checkpoint every N steps (always at the end)", "keep_checkpoints": "newest N kept",
+    "log_every": "metrics every N steps", "eval_data": "eval file scored at each checkpoint",
+    "eval_metric": "metric for --eval-data", "eval_limit": "first N rows of --eval-data",
+    "resume": "continue from the newest checkpoint in --out",
+}
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    import dataclasses
+    from .train.sft import BALANCE, PARTS, SFTConfig
+    from .train.lora import LORA_TARGETS
+
+    p = sub.add_parser("train", help="finetune a model: `kimivl train sft`, `kimivl train export`")
+    tsub = p.add_subparsers(dest="train_command", required=True, metavar="sft|export")
+    s = tsub.add_parser(
+        "sft", help="supervised finetuning on conversations",
+        description="Finetune --model on --data (JSONL of {\"messages\": [...]} or an eval .tsv/.jsonl, each sample a "
+                    "user turn and its answer); the loss counts assistant tokens only. Checkpoints, metrics.jsonl, "
+                    "loss.png and the final model (OUT/model, official format, LoRA merged) go to --out. Under "
+                    "`torchrun --nproc-per-node N -m kimivl.train sft ...` the model is sharded with FSDP2.")
+    s.add_argument("--model", required=True, help="checkpoint directory to start from")
+    s.add_argument("--data", required=True, help="training conversations")
+    s.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype (default float32 on CPU)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    choices = {"freeze": list(PARTS), "lora_targets": list(LORA_TARGETS), "balance": list(BALANCE)}
+    for f in dataclasses.fields(SFTConfig):
+        if f.name in ("progress",):
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if f.name == "out":
+            s.add_argument(flag, required=True, help="output directory")
+        elif isinstance(default, bool) or f.name == "bf16":
+            s.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=TRAIN_HELP[f.name])
+        elif isinstance(default, tuple):
+            kind = type(default[0]) if default else str
+            s.add_argument(flag, nargs="*" if f.name == "freeze" else "+", type=kind, default=default,
+                           choices=choices.get(f.name), help=f"{TRAIN_HELP[f.name]} (default: {' '.join(map(str, default)) or 'none'})")
+        else:
+            kind = {"max_length": int, "eval_data": str, "aux_loss_alpha": float, "eval_limit": int}.get(
+                f.name, type(default))
+            s.add_argument(flag, type=kind, default=default, choices=choices.get(f.name),
+                           help=f"{TRAIN_HELP[f.name]} (default: {default})")
+    e = tsub.add_parser("export", help="a sharded (multi-process) training checkpoint -> an official checkpoint")
+    e.add_argument("checkpoint", help="OUT/checkpoints/step-NNNNNNN of a torchrun run")
+    e.add_argument("--out", required=True, help="directory for the official checkpoint")
+
+
+def _train(args: argparse.Namespace) -> None:
+    import dataclasses
+    from .train import parallel
+    if args.train_command == "export":
+        parallel.export(args.checkpoint, args.out)
+        print(f"wrote {args.out}")
+        return
+    import torch
+    from .model import KimiVLForConditionalGeneration
+    from .processing import KimiVLProcessor
+    from .train import SFTConfig, read_conversations, train
+
+    dist = parallel.Distributed.from_env()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and dist.world > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if hasattr(args, f.name)}
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    config = SFTConfig(**settings, progress=False if args.no_progress else None)
+    data = read_conversations(args.data)
+    processor = KimiVLProcessor.from_pretrained(args.model)
+    model = KimiVLForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype, device=device,
+                                                           progress=False if args.no_progress else None)
+    result = train(model, processor, data, config)
+    if dist.rank == 0:
+        print(f"trained {result.step} steps; final loss {result.losses[-1]:.4f}" if result.losses else
+              f"nothing to do: {args.out} is already at step {result.step}")
+        print(f"model: {result.model_dir}; metrics: {args.out}/metrics.jsonl; curve: {args.out}/loss.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_chat(sub)
     eval_parser = _add_eval(sub)
+    _add_train(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
@@ -210,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             _chat(args)
         elif args.command == "eval":
             _eval(args, eval_parser)
+        elif args.command == "train":
+            _train(args)
     except KimiVLError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -219,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.command == "eval":
             print("interrupted: the predictions so far are saved; rerun the same command to resume", file=sys.stderr)
+        elif args.command == "train":
+            print("interrupted: the last complete checkpoint is kept; rerun with --resume to continue",
+                  file=sys.stderr)
         return 130
     return 0
 

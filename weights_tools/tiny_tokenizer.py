@@ -103,11 +103,12 @@ def train_bpe(text: str, size: int) -> dict[bytes, int]:
     return ranks
 
 
-def write_tokenizer(out: str | Path, vocab_size: int) -> None:
-    """tiktoken.model (vocab_size - 256 BPE ranks), tokenizer_config.json and chat_template.jinja in `out`."""
+def write_tokenizer(out: str | Path, vocab_size: int, corpus: str | None = None) -> None:
+    """tiktoken.model (vocab_size - 256 BPE ranks learnt from `corpus`, default the built-in English sample),
+    tokenizer_config.json and chat_template.jinja in `out`."""
     out = Path(out)
     n = vocab_size - NUM_RESERVED_SPECIAL_TOKENS
-    write_tiktoken_model(train_bpe(tiny_vocab_text(), n), out / "tiktoken.model")
+    write_tiktoken_model(train_bpe(corpus or tiny_vocab_text(), n), out / "tiktoken.model")
     config = {
         "tokenizer_class": "TikTokenTokenizer",
         "added_tokens_decoder": {str(n + k): {"content": name, "lstrip": False, "normalized": False,

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -53,14 +54,29 @@ def in_split(text: str, split: str) -> bool:
     return (zlib.crc32(text.lower().encode()) % 4 == 0) == (split == "test")
 
 
+class SyntheticSuite(Sequence):
+    """The first `n` samples of the suite, each drawn when indexed (a training set larger than memory allows)."""
+
+    def __init__(self, n: int = 200, seed: int = 0, split: str = "test"):
+        if split not in SPLITS:
+            raise EvalError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        if n < 1:
+            raise EvalError(f"--n must be at least 1, got {n}")
+        self.n, self.seed, self.split = n, seed, split
+        self.words = [w for w in WORDS if in_split(w, split)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Sample:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return _sample(i, random.Random(f"kimivl-synthetic:{self.seed}:{self.split}:{i}"), self.words, self.split)
+
+
 def make_synthetic(n: int = 200, seed: int = 0, split: str = "test") -> list[Sample]:
     """`n` samples of the suite (see the module docstring); index i is the i-th sample, category i mod 5."""
-    if split not in SPLITS:
-        raise EvalError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    if n < 1:
-        raise EvalError(f"--n must be at least 1, got {n}")
-    words = [w for w in WORDS if in_split(w, split)]
-    return [_sample(i, random.Random(f"kimivl-synthetic:{seed}:{split}:{i}"), words, split) for i in range(n)]
+    return list(SyntheticSuite(n, seed, split))
 
 
 def write_synthetic(out: str | os.PathLike, n: int = 200, seed: int = 0, split: str = "test") -> Path:

@@ -171,6 +171,7 @@ def train(model: torch.nn.Module, processor: KimiVLProcessor, data: Sequence[lis
     balance = ExpertBalance(model, aux_alpha) if moe_layers(model) else None
     if dist.world > 1:
         parallel.shard(model)
+        params = [p for p in model.parameters() if p.requires_grad]  # the sharded parameters replace the old ones
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},

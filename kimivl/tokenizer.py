@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 from pathlib import Path
@@ -254,9 +255,10 @@ def _raise_exception(message: str):
     raise InputError(f"the chat template refused the conversation: {message}")
 
 
+@functools.lru_cache(maxsize=8)
 def _jinja_template(source: str):
     """Compile a checkpoint's template the way transformers does: sandboxed, trimmed blocks, loop controls and a
-    `raise_exception` helper."""
+    `raise_exception` helper. Compiled once per template (compiling costs milliseconds, rendering microseconds)."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 

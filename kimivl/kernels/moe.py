@@ -89,7 +89,10 @@ def moe_experts_grouped(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tenso
                         down_proj: torch.Tensor) -> torch.Tensor:
     """The torch fast path: sort by expert, two grouped GEMMs over the stacked weights, weighted un-permute."""
     order, counts, ends = dispatch(ids, gate_up_proj.shape[0])
-    gate, up = grouped_linear(x[order // ids.shape[1]], gate_up_proj, counts, ends).chunk(2, dim=-1)  # [T*k, I]
+    # each token copied k times, then permuted: gathering x[order // k] instead would make the backward sum duplicate
+    # rows in a thread-dependent order on CPU, and training would not repeat bit for bit
+    xs = x.repeat_interleave(ids.shape[1], dim=0)[order]  # [T*k, H] grouped by expert
+    gate, up = grouped_linear(xs, gate_up_proj, counts, ends).chunk(2, dim=-1)  # [T*k, I]
     y = grouped_linear(F.silu(gate) * up, down_proj, counts, ends)  # [T*k, H]
     return combine(y, order, weights).to(x.dtype)
 

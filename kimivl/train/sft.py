@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from ..errors import InputError
+from ..errors import InputError, KimiVLError
 from ..processing import KimiVLProcessor
 from . import parallel
 from .balance import ExpertBalance, load_summary, moe_layers, update_bias
@@ -257,6 +257,7 @@ def train(model: torch.nn.Module, processor: KimiVLProcessor, data: Sequence[lis
             metrics.close()
         if balance is not None:
             balance.remove()
+    model.eval()
     final = out / "model"
     if dist.rank == 0:
         last = _newest_checkpoint(ckpt_root)
@@ -272,7 +273,7 @@ def train(model: torch.nn.Module, processor: KimiVLProcessor, data: Sequence[lis
 def _encode(processor: KimiVLProcessor, data: Sequence[list[dict]], i: int, max_length: int):
     try:
         return encode(processor, data[i], max_length)
-    except InputError as e:
+    except KimiVLError as e:  # a bad message, an unreadable image, a conversation too long
         raise InputError(f"conversation {i}: {e}") from None
 
 
@@ -395,6 +396,8 @@ def _evaluate(checkpoint_dir: Path, config: SFTConfig) -> float:
     from ..eval.runner import run_benchmark
 
     model_dir = checkpoint_dir / "model"
+    if not model_dir.is_dir():  # a sharded checkpoint: gather it into the official format first
+        parallel.export(checkpoint_dir, model_dir)
     report = run_benchmark(str(model_dir), config.eval_data, config.eval_metric, checkpoint_dir / "eval",
                            limit=config.eval_limit, progress=False)
     return float(report["headline"]["value"])

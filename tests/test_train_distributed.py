@@ -63,7 +63,12 @@ def test_two_processes_match_one_and_their_checkpoints_export(tiny_checkpoint, t
     export(ckpt, tmp_path / "exported")
     exported = KimiVLForConditionalGeneration.from_pretrained(tmp_path / "exported")
     published = KimiVLForConditionalGeneration.from_pretrained(out / "model")  # written by rank 0 at the end
+    worst = 0.0
     for (name, a), b, c in zip(single.state_dict().items(), exported.state_dict().values(),
                                published.state_dict().values()):
         assert torch.equal(b, c), name
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-4, msg=name)
+        worst = max(worst, float((a - b).abs().max()))
+    # Adam moves an element with a near-zero gradient by up to lr whatever its rounding, so three steps at lr 1e-3
+    # may leave single elements a few 1e-6 apart; a wrong shard or a lost update would be off by ~1e-3
+    assert worst < 5e-5
+    report("largest |weight difference| after 3 steps, 2 processes vs 1", f"{worst:.1e}")

@@ -8,6 +8,7 @@ norms, lm_head) belongs to the root.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ def shard(model: torch.nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
@@ -122,7 +124,9 @@ def export(checkpoint_dir: str | os.PathLike, out: str | os.PathLike) -> None:
     if run.get("lora_rank"):
         apply_lora(model, tuple(run["lora_targets"]), run["lora_rank"], run["lora_alpha"])
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=src / "dcp", no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=src / "dcp", no_dist=True)
     model.load_state_dict(state["model"])
     save(model, out, state_dict=merged_state_dict(model) if run.get("lora_rank") else None)
     KimiVLProcessor.from_pretrained(src).save_pretrained(out)

@@ -35,22 +35,27 @@ CORPUS = " ".join(["You are a helpful assistant"] * 4 + [
     *('What colour is the box that contains the word "' + w + '"?' for w in ("a", "b")), *COLOURS])
 
 
-def config() -> KimiVLConfig:
-    vision = VisionConfig(init_pos_emb_height=32, init_pos_emb_width=32, num_attention_heads=4, num_hidden_layers=4,
-                          hidden_size=128, intermediate_size=512, torch_dtype="float32")
-    text = TextConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=64,
-                      qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
-                      num_experts_per_tok=2, max_position_embeddings=1024, rope_theta=10000.0,
-                      bos_token_id=BPE_TOKENS, eos_token_id=BPE_TOKENS + 1, pad_token_id=VOCAB - 1,
-                      initializer_range=0.02, torch_dtype="float32")
+def config(vision_hidden: int = 192, vision_layers: int = 6, text_hidden: int = 192, text_layers: int = 2
+           ) -> KimiVLConfig:
+    """MoonViT + projector + a DeepSeek-V3 decoder (dense first layer, then MoE layers with a shared expert and
+    sigmoid routing with a correction bias), at a few MB."""
+    vision = VisionConfig(init_pos_emb_height=32, init_pos_emb_width=32, num_attention_heads=vision_hidden // 32,
+                          num_hidden_layers=vision_layers, hidden_size=vision_hidden,
+                          intermediate_size=4 * vision_hidden, torch_dtype="float32")
+    text = TextConfig(vocab_size=VOCAB, hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+                      moe_intermediate_size=text_hidden // 2, num_hidden_layers=text_layers, num_attention_heads=4,
+                      num_key_value_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                      v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                      max_position_embeddings=1024, rope_theta=10000.0, bos_token_id=BPE_TOKENS,
+                      eos_token_id=BPE_TOKENS + 1, pad_token_id=VOCAB - 1, initializer_range=0.02,
+                      torch_dtype="float32")
     return KimiVLConfig(vision_config=vision, text_config=text, media_placeholder_token_id=BPE_TOKENS + 21,
                         torch_dtype="float32")
 
 
-def make_initial(out: Path, seed: int) -> None:
+def make_initial(out: Path, seed: int, **arch: int) -> None:
     """A random model with the recipe's tokenizer, written as an official checkpoint."""
-    model = KimiVLForConditionalGeneration(config())
+    model = KimiVLForConditionalGeneration(config(**arch))
     init_weights(model, seed=seed)
     model.save_pretrained(out)
     write_tokenizer(out, VOCAB, CORPUS)
@@ -68,13 +73,14 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--arch", type=json.loads, default={}, help="config() overrides as JSON")
     args = ap.parse_args()
     torch.set_num_threads(2)
 
     out = Path(args.out)
     initial = out / "initial"
     if not (initial / "config.json").is_file():
-        make_initial(initial, args.seed)
+        make_initial(initial, args.seed, **args.arch)
     heldout = out / "heldout.tsv"
     if not heldout.is_file():
         write_synthetic(heldout, n=args.eval_n, split="test")

@@ -177,9 +177,9 @@ def train(model: torch.nn.Module, processor: KimiVLProcessor, data: Sequence[lis
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=config.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    start = 0
+    start, elapsed = 0, 0.0
     if resume_from is not None:
-        start = _restore(resume_from, model, optimizer, scheduler, config, dist)
+        start, elapsed = _restore(resume_from, model, optimizer, scheduler, config, dist)
         log.info("resumed from %s at step %d", resume_from, start)
     bf16 = config.bf16 if config.bf16 is not None else (model.device.type == "cuda" and torch.cuda.is_bf16_supported())
     per_rank = config.batch_size // dist.world
@@ -192,7 +192,7 @@ def train(model: torch.nn.Module, processor: KimiVLProcessor, data: Sequence[lis
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if dist.rank == 0 else None
     bar = tqdm(total=config.steps, initial=start, desc="sft", unit="step",
                disable=(dist.rank != 0) or (None if config.progress is None else not config.progress))
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - elapsed  # seconds count from the run's first step, across resumes
     try:
         for step in range(start, config.steps):
             t0 = time.perf_counter()
@@ -201,24 +201,8 @@ def train(model: torch.nn.Module, processor: KimiVLProcessor, data: Sequence[lis
             examples = [_encode(processor, data, i, max_length) for i in mine]
             n_targets = dist.all_reduce_sum(float(sum(int((e.labels[1:] != IGNORE).sum()) for e in examples)))
             tokens = dist.all_reduce_sum(float(sum(len(e.input_ids) for e in examples)))
-            ce_total = aux_total = 0.0
-            for b in range(0, per_rank, micro):
-                batch = {k: v.to(model.device) for k, v in collate(examples[b:b + micro], pad_id).items()}
-                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    if balance is not None:
-                        balance.observe(batch["attention_mask"])
-                    labels = batch.pop("labels")
-                    logits = model(**batch).logits
-                    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                         ignore_index=IGNORE, reduction="sum") / max(n_targets, 1.0)
-                    aux = balance.take_aux_loss() if balance is not None else None
-                    aux = aux.sum() / config.batch_size if aux is not None else None
-                    loss = ce if aux is None else ce + aux
-                    if dist.world > 1 and "pixel_values" not in batch:
-                        loss = loss + parallel.touch_vision(model)  # every process must run the same blocks
-                loss.backward()
-                ce_total += float(ce.detach())
-                aux_total += float(aux.detach()) if aux is not None else 0.0
+            ce_total, aux_total = _accumulate(model, examples, micro, pad_id, n_targets, balance, config.batch_size,
+                                              bf16, dist)
             grad_norm = parallel.clip_grad_norm(params, config.grad_clip)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -246,7 +230,8 @@ def train(model: torch.nn.Module, processor: KimiVLProcessor, data: Sequence[lis
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if done == config.steps or (config.save_every and done % config.save_every == 0):
-                saved.append(_save(ckpt_root, done, model, processor, optimizer, scheduler, config, dist))
+                saved.append(_save(ckpt_root, done, model, processor, optimizer, scheduler, config, dist,
+                                   time.perf_counter() - t_start))
                 if config.eval_data and dist.rank == 0:
                     score = _evaluate(saved[-1], config)
                     metrics.write(json.dumps({"step": done, "eval": score}) + "\n")
@@ -268,6 +253,33 @@ def train(model: torch.nn.Module, processor: KimiVLProcessor, data: Sequence[lis
         plot_curves(out / "loss.png", _curves(out / "metrics.jsonl"))
     dist.barrier()
     return TrainResult(losses=losses, step=config.steps, model_dir=final, checkpoints=saved)
+
+
+def _accumulate(model, examples: list, micro: int, pad_id: int, n_targets: float, balance: ExpertBalance | None,
+                batch_size: int, bf16: bool, dist: "parallel.Distributed") -> tuple[float, float]:
+    """Forward and backward this process's share of a step in micro-batches, gradients accumulating. The loss of
+    each is its targets' summed cross entropy over the whole step's target count (plus the balance loss of its
+    sequences over the step's batch size), so the accumulated gradient is the step's mean. Returns the summed
+    cross entropy and balance loss of this process's share."""
+    ce_total = aux_total = 0.0
+    for b in range(0, len(examples), micro):
+        batch = {k: v.to(model.device) for k, v in collate(examples[b:b + micro], pad_id).items()}
+        labels = batch.pop("labels")
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            if balance is not None:
+                balance.observe(batch["attention_mask"])
+            logits = model(**batch).logits
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                                 reduction="sum") / max(n_targets, 1.0)
+            aux = balance.take_aux_loss() if balance is not None else None
+            aux = aux.sum() / batch_size if aux is not None else None
+            loss = ce if aux is None else ce + aux
+            if dist.world > 1 and "pixel_values" not in batch:
+                loss = loss + parallel.touch_vision(model)  # every process must run the same FSDP blocks
+        loss.backward()
+        ce_total += float(ce.detach())
+        aux_total += float(aux.detach()) if aux is not None else 0.0
+    return ce_total, aux_total
 
 
 def _encode(processor: KimiVLProcessor, data: Sequence[list[dict]], i: int, max_length: int):
@@ -315,7 +327,7 @@ def _newest_checkpoint(root: Path) -> Path | None:
 
 
 def _save(root: Path, step: int, model, processor, optimizer, scheduler, config: SFTConfig,
-          dist: "parallel.Distributed") -> Path:
+          dist: "parallel.Distributed", elapsed: float) -> Path:
     """Write checkpoint `step-NNNNNNN` atomically: everything goes into a temporary folder that is renamed when
     complete, so an interrupted save leaves nothing loadable. Single process: `model/` in the official format
     (LoRA merged), `adapter.safetensors` (LoRA: the adapter and router biases) and `trainer.pt` (optimizer,
@@ -345,7 +357,7 @@ def _save(root: Path, step: int, model, processor, optimizer, scheduler, config:
             else:
                 model.config.to_json(tmp / "config.json")
                 processor.save_pretrained(tmp)
-            state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+            state = {"step": step, "elapsed": elapsed, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                      "config": dataclasses.asdict(config)}
             torch.save(state, tmp / "trainer.pt")
@@ -360,7 +372,8 @@ def _save(root: Path, step: int, model, processor, optimizer, scheduler, config:
     return final
 
 
-def _restore(path: Path, model, optimizer, scheduler, config: SFTConfig, dist: "parallel.Distributed") -> int:
+def _restore(path: Path, model, optimizer, scheduler, config: SFTConfig, dist: "parallel.Distributed"
+             ) -> tuple[int, float]:
     state = torch.load(path / "trainer.pt", weights_only=False)
     if dist.world > 1:
         parallel.load_sharded(path / "dcp", model, optimizer)
@@ -380,7 +393,7 @@ def _restore(path: Path, model, optimizer, scheduler, config: SFTConfig, dist: "
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
-    return int(state["step"])
+    return int(state["step"]), float(state["elapsed"])
 
 
 def _publish(src: Path, dst: Path) -> None:

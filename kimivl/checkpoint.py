@@ -402,15 +402,23 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
         model = KimiVLForConditionalGeneration(layout.config)
     state = {name: torch.empty(t.shape, dtype=torch.float32 if name.endswith(KEEP_FLOAT32) else dtype, device=device)
              for name, t in model.state_dict().items()}
+    read_into(state, layout, f"load {Path(path).name}", progress)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def read_into(state: dict[str, torch.Tensor], layout: Layout, desc: str = "load", progress: bool | None = False
+              ) -> None:
+    """Fill the tensors of `state` (the model's own names) from a checked checkpoint layout, in place, each cast to
+    its tensor's dtype, with a progress bar over the bytes (see `load`)."""
     total = sum(t.numel() * t.element_size() for t in state.values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"load {Path(path).name}",
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc,
               disable=None if progress is None else not progress) as bar:
         for name, t in state.items():
             for off, idx in official_parts(name, t.shape):
                 t[idx].copy_(read_tensor(layout.file(off), layout.info(off)))
             bar.update(t.numel() * t.element_size())
-    model.load_state_dict(state, assign=True, strict=True)
-    return model.eval()
 
 
 # ---- saving -----------------------------------------------------------------------------------------------------

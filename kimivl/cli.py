@@ -232,7 +232,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", required=True, help="checkpoint directory to start from")
     s.add_argument("--data", required=True, help="training conversations")
     s.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
-    s.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype (default float32 on CPU)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights (and optimizer) dtype; default float32, with --bf16 autocast for speed on GPUs")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     choices = {"freeze": list(PARTS), "lora_targets": list(LORA_TARGETS), "balance": list(BALANCE)}
     for f in dataclasses.fields(SFTConfig):

@@ -142,9 +142,12 @@ def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross entropy of predicting labels[:, t+1] from logits[:, t], positions labelled ignore_index skipped."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=ignore_index)
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"
+                    ) -> torch.Tensor:
+    """Cross entropy (mean, or sum) of predicting labels[:, t+1] from logits[:, t], positions labelled
+    ignore_index skipped."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=ignore_index,
+                           reduction=reduction)
 
 
 @torch.no_grad()

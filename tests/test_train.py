@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from kimivl import KimiVLForConditionalGeneration, KimiVLProcessor
+from kimivl import InputError, KimiVLForConditionalGeneration, KimiVLProcessor
 from kimivl.cli import main as cli_main
 from kimivl.eval.synthetic import make_synthetic
 from kimivl.train import SFTConfig, SampleConversations, collate, encode, train
@@ -78,11 +78,11 @@ def test_only_assistant_tokens_are_labelled(tiny):
 
 def test_conversations_that_cannot_train_are_refused(tiny):
     _, processor = tiny
-    with pytest.raises(Exception, match="no assistant turn"):
+    with pytest.raises(InputError, match="no assistant turn"):
         encode(processor, [{"role": "user", "content": "hi"}])
-    with pytest.raises(Exception, match="starts with an assistant turn"):
+    with pytest.raises(InputError, match="starts with an assistant turn"):
         encode(processor, [{"role": "assistant", "content": "hi"}])
-    with pytest.raises(Exception, match="tokens long, more than the limit of 5"):
+    with pytest.raises(InputError, match="tokens long, more than the limit of 5"):
         encode(processor, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}], max_length=5)
 
 
@@ -113,7 +113,7 @@ def test_read_conversations_resolves_image_paths(tmp_path, tiny):
     assert data[0][0]["content"][0]["image"] == str(tmp_path / "a.png")
     assert encode(processor, data[0]).image_grid_hws.tolist() == [[2, 4]]
     (tmp_path / "bad.jsonl").write_text('{"messages": []}\nnot json\n')
-    with pytest.raises(Exception, match="bad.jsonl:2: not JSON"):
+    with pytest.raises(InputError, match="bad.jsonl:2: not JSON"):
         read_conversations(tmp_path / "bad.jsonl")
 
 
@@ -133,27 +133,28 @@ def test_learning_rate_schedule_is_warmup_then_cosine():
 
 
 # ---- the loss and what trains -------------------------------------------------------------------------------------
-def first_step_gradients(monkeypatch, *args, **settings) -> tuple[list[float], list[torch.Tensor]]:
-    """Run `run(*args, **settings)` and return its losses and the gradients the optimizer's first step saw."""
-    grads: list[list[torch.Tensor]] = []
+def first_step_gradients(monkeypatch, *args, **settings) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Run `run(*args, **settings)`; return its losses and, by parameter name, the gradients the optimizer's first
+    step saw."""
+    seen: dict[int, torch.Tensor] = {}
     step = torch.optim.AdamW.step
 
     def spy(self, *a, **k):
-        if not grads:
-            grads.append([p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        if not seen:
+            seen.update({id(p): p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None})
         return step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
-    _, losses = run(*args, **settings)
+    model, losses = run(*args, **settings)
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    return losses, grads[0]
+    return losses, {n: seen[id(p)] for n, p in model.named_parameters() if id(p) in seen}
 
 
-def assert_same_gradients(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+def assert_same_gradients(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     """Elementwise equal up to 1e-5 of each tensor's largest entry: sums taken in another order."""
-    assert len(a) == len(b) and a
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=0, atol=1e-5 * float(x.abs().max()) + 1e-12)
+    assert a.keys() == b.keys() and a
+    for name, x in a.items():
+        torch.testing.assert_close(x, b[name], rtol=0, atol=1e-5 * float(x.abs().max()) + 1e-12, msg=name)
 
 
 def test_step_loss_is_the_mean_over_assistant_tokens_and_split_invariant(tiny, conversations, tmp_path,
@@ -274,20 +275,29 @@ def test_sequence_aux_loss_matches_the_formula(tiny, conversations):
         len(moe_layers(model)) * K * int(batch["attention_mask"].sum())
 
 
-def test_aux_loss_trains_the_router_and_bias_balance_logs_loads(tiny, conversations, tmp_path):
+def test_aux_loss_reaches_the_router_and_loads_are_logged(tiny, conversations, tmp_path, monkeypatch):
     path, processor = tiny
-    base = load(path)
-    model, _ = run(path, processor, conversations, tmp_path / "aux", steps=1, balance="aux", aux_loss_alpha=1.0,
-                   freeze=("vision", "projector"))
+    _, plain = first_step_gradients(monkeypatch, path, processor, conversations, tmp_path / "none", steps=1)
+    _, aux = first_step_gradients(monkeypatch, path, processor, conversations, tmp_path / "aux", steps=1,
+                                  balance="aux", aux_loss_alpha=1.0)
+    gates = [n for n in plain if n.endswith("mlp.gate.weight")]
+    assert gates and all((aux[n] - plain[n]).abs().max() > 1e-3 * plain[n].abs().max() for n in gates)
     rows = [json.loads(x) for x in (tmp_path / "aux" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["aux_loss"] > 0
-    assert set(rows[0]["expert_load"]) == {str(i) for i in moe_layers(model)}
+    assert set(rows[0]["expert_load"]) == {str(i) for i in moe_layers(load(path))}
     assert all(sum(v) == pytest.approx(1.0, abs=1e-4) for v in rows[0]["expert_load"].values())
-    model, _ = run(path, processor, conversations, tmp_path / "bias", steps=1, balance="bias",
-                   bias_update_speed=0.01)
+
+
+def test_bias_balance_moves_each_bias_by_gamma_against_its_logged_load(tiny, conversations, tmp_path):
+    path, processor = tiny
+    base = moe_layers(load(path))
+    model, _ = run(path, processor, conversations, tmp_path, steps=1, balance="bias", bias_update_speed=0.01)
+    shares = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["expert_load"]
     for i, m in moe_layers(model).items():
-        delta = m.gate.e_score_correction_bias - moe_layers(base)[i].gate.e_score_correction_bias
-        assert torch.allclose(delta.abs(), torch.full_like(delta, 0.01)) or (delta == 0).any()
+        delta = (m.gate.e_score_correction_bias - base[i].gate.e_score_correction_bias).tolist()
+        mean = 1 / len(delta)
+        want = [0.0 if abs(share - mean) < 1e-4 else 0.01 * math.copysign(1, mean - share) for share in shares[str(i)]]
+        assert delta == pytest.approx(want, abs=1e-6) and any(want)
 
 
 # ---- LoRA -------------------------------------------------------------------------------------------------------------
@@ -364,7 +374,7 @@ def test_an_interrupted_save_leaves_the_last_complete_checkpoint(tiny, conversat
     real_replace = os.replace
 
     def interrupt(src, dst):
-        if "step-0000004" in str(dst):
+        if os.path.basename(dst) == "step-0000004":  # the rename that publishes the complete checkpoint
             raise KeyboardInterrupt
         return real_replace(src, dst)
 
@@ -375,7 +385,7 @@ def test_an_interrupted_save_leaves_the_last_complete_checkpoint(tiny, conversat
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["step-0000002"]  # no half-written step 4, no temporary folder
     load(tmp_path / "checkpoints" / "step-0000002" / "model")
-    with pytest.raises(Exception, match="pass resume=True"):
+    with pytest.raises(InputError, match="pass resume=True"):
         run(path, processor, conversations, tmp_path, steps=6, batch_size=2, save_every=2)
     _, rest = run(path, processor, conversations, tmp_path, steps=6, batch_size=2, save_every=2, resume=True)
     assert len(rest) == 4
@@ -384,7 +394,7 @@ def test_an_interrupted_save_leaves_the_last_complete_checkpoint(tiny, conversat
 def test_resume_refuses_other_settings(tiny, conversations, tmp_path):
     path, processor = tiny
     run(path, processor, conversations, tmp_path, steps=2, batch_size=2)
-    with pytest.raises(Exception, match=r"lr \(0.001 -> 0.01\)"):
+    with pytest.raises(InputError, match=r"lr \(0.001 -> 0.01\)"):
         run(path, processor, conversations, tmp_path, steps=4, batch_size=2, lr=1e-2, resume=True)
 
 

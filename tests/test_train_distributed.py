@@ -15,6 +15,7 @@ from kimivl import KimiVLForConditionalGeneration, KimiVLProcessor
 from kimivl.eval.synthetic import make_synthetic
 from kimivl.train import SFTConfig, SampleConversations, train
 from kimivl.train.parallel import export
+from kimivl.train.sft import step_indices
 
 SETTINGS = dict(batch_size=4, micro_batch_size=1, lr=1e-3, warmup_steps=1, balance="bias", progress=False)
 
@@ -25,13 +26,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def conversations() -> list:
+    """Synthetic image questions and text-only turns: with one conversation per micro-batch, a process often has a
+    micro-batch without images while the other has one with images."""
+    text_only = [[{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]
+                 for w in ("river", "stone", "cloud", "maple")]
+    return list(SampleConversations(make_synthetic(12, split="train"))) + text_only
+
+
 def _worker(rank: int, world: int, port: int, model_dir: str, out: str, result: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import torch.distributed as dist
     processor = KimiVLProcessor.from_pretrained(model_dir)
-    data = SampleConversations(make_synthetic(12, split="train"))
+    data = conversations()
     losses = []
     for steps, resume in ((2, False), (3, True)):  # 2 steps, then resume from the sharded checkpoint to 3
         model = KimiVLForConditionalGeneration.from_pretrained(model_dir)
@@ -48,7 +57,9 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out: str, result: 
 def test_two_processes_match_one_and_their_checkpoints_export(tiny_checkpoint, tmp_path, report):
     model_dir = tiny_checkpoint("tiny")
     processor = KimiVLProcessor.from_pretrained(model_dir)
-    data = SampleConversations(make_synthetic(12, split="train"))
+    data = conversations()
+    picked = [step_indices(s, len(data), SETTINGS["batch_size"], 0) for s in range(3)]
+    assert any(i >= 12 for step in picked for i in step)  # some micro-batches are text-only
     single = KimiVLForConditionalGeneration.from_pretrained(model_dir)
     expected = train(single, processor, data, SFTConfig(out=str(tmp_path / "one"), steps=3, **SETTINGS)).losses
 

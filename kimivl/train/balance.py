@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..decoder import MoE
 from ..kernels.routing import route_reference
@@ -38,7 +39,7 @@ class ExpertBalance:
         self.aux_alpha = aux_alpha
         self.mask: torch.Tensor | None = None
         self.loads = {i: torch.zeros(m.config.n_routed_experts, dtype=torch.float64) for i, m in self.layers.items()}
-        self.aux: list[tuple[MoE, torch.Tensor, torch.Tensor]] = []
+        self.aux: list[tuple[MoE, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in self.layers.items()]
 
     def observe(self, attention_mask: torch.Tensor | None) -> None:
@@ -51,25 +52,27 @@ class ExpertBalance:
             x = args[0]  # [B, T, H]
             real = self.mask.expand(x.shape[:2]).to(x.device)  # [B, T]
             cfg = module.config
-            with torch.no_grad():
-                ids, _ = route_reference(x[real], module.gate.weight, module.gate.e_score_correction_bias, cfg)
-                self.loads[layer] += torch.bincount(ids.flatten(), minlength=cfg.n_routed_experts).double().cpu()
+            with torch.no_grad():  # the choice the layer itself makes (route_reference is what route dispatches to)
+                ids, _ = route_reference(x.flatten(0, 1), module.gate.weight, module.gate.e_score_correction_bias,
+                                         cfg)
+            self.loads[layer] += torch.bincount(ids.view(*x.shape[:2], -1)[real].flatten(),
+                                                minlength=cfg.n_routed_experts).double().cpu()
             if self.aux_alpha > 0:  # the loss is built after the forward, outside any checkpointed block
-                self.aux.append((module, x, real))
+                self.aux.append((module, x, ids.view(*x.shape[:2], -1), real))
         return hook
 
-    def _sequence_loss(self, module: MoE, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def _sequence_loss(self, module: MoE, x: torch.Tensor, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """[B] losses; x [B, T, H], ids [B, T, k] (the experts chosen), real [B, T] (False at padding)."""
         cfg = module.config
         E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-        scores = F.linear(x.float(), module.gate.weight.float()).sigmoid()  # [B, T, E]
-        bias = module.gate.e_score_correction_bias
-        choice = scores.detach() if bias is None else scores.detach() + bias.float()
-        chosen = torch.zeros_like(scores).scatter_(-1, choice.topk(K, dim=-1).indices, 1.0)  # [B, T, E]
+        logits = F.linear(x.float(), module.gate.weight.float())  # [B, T, E]: the router's, with gradients
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
+        chosen = torch.zeros_like(scores).scatter_(-1, ids, 1.0)  # [B, T, E]
         w = real.float()[..., None]
         n = real.sum(-1).clamp(min=1).float()[:, None]  # [B, 1] real tokens per sequence
         f = (chosen * w).sum(1) * E / (K * n)  # [B, E]
         p = (scores / scores.sum(-1, keepdim=True) * w).sum(1) / n  # [B, E]
-        return self.aux_alpha * (f * p).sum(-1)  # [B]: one loss per sequence
+        return self.aux_alpha * (f * p).sum(-1)
 
     def take_aux_loss(self) -> torch.Tensor | None:
         """The summed per-layer balance losses of the last forward, per sequence [B] (None without the loss)."""
@@ -100,12 +103,10 @@ def update_bias(model: nn.Module, loads: dict[int, torch.Tensor], gamma: float) 
         bias = module.gate.e_score_correction_bias
         if bias is None or i not in loads:
             continue
-        load = loads[i]
-        step = gamma * torch.sign(load.mean() - load).to(bias.dtype)
-        if hasattr(bias, "device_mesh"):  # sharded by FSDP: add the matching shard
-            from torch.distributed.tensor import distribute_tensor
-            step = distribute_tensor(step.to(bias.device_mesh.device_type), bias.device_mesh, bias.placements)
-        bias += step.to(bias.device) if not hasattr(step, "device_mesh") else step
+        step = gamma * torch.sign(loads[i].mean() - loads[i]).to(bias.device, bias.dtype)
+        if isinstance(bias, DTensor):  # sharded by FSDP: every process holds the same loads, so each takes its shard
+            step = distribute_tensor(step, bias.device_mesh, bias.placements, src_data_rank=None)
+        bias += step
 
 
 def load_summary(loads: dict[int, torch.Tensor]) -> dict[str, list[float]]:

@@ -74,10 +74,10 @@ def read_conversations(path: str | os.PathLike) -> Sequence[list[dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{n}: not JSON: {e}") from None
-            if not isinstance(row, dict) or "messages" not in row:
-                if isinstance(row, dict) and "question" in row:
-                    from ..eval.data import read_jsonl
-                    return SampleConversations(read_jsonl(path))
+            if not conversations and isinstance(row, dict) and "question" in row and "messages" not in row:
+                from ..eval.data import read_jsonl  # an eval file: every row a sample
+                return SampleConversations(read_jsonl(path))
+            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
                 raise InputError(f"{path}:{n}: expected an object with a 'messages' list")
             conversations.append([_resolve_images(m, path.parent) for m in row["messages"]])
     if not conversations:

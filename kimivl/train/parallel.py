@@ -7,6 +7,7 @@ norms, lm_head) belongs to the root.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -77,12 +78,27 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def touch_vision(model: torch.nn.Module) -> torch.Tensor:
-    """Zero times the vision tower's output on one blank 2x2-patch image: a micro-batch without images still runs
-    the vision blocks, so every process joins the same FSDP collectives."""
-    p = model.config.vision_config.patch_size
-    pixels = torch.zeros(4, 3, p, p, device=model.device, dtype=model.dtype)
-    return model.image_features(pixels, torch.tensor([[2, 2]], device=model.device)).sum() * 0.0
+@contextlib.contextmanager
+def vision_in_step(model: torch.nn.Module, needed: bool):
+    """While `needed` (a micro-batch without images on one of several processes), the decoder's input gets zero
+    times the vision tower's output on one blank 2x2-patch image. The vision blocks then run where they run for a
+    batch with images (inside the model's forward, before the decoder), so every process joins the same FSDP
+    collectives in the same order."""
+    if not needed:
+        yield
+        return
+
+    def add_blank_image(module, args):
+        p = model.config.vision_config.patch_size
+        pixels = torch.zeros(4, 3, p, p, device=model.device, dtype=model.dtype)
+        blank = model.image_features(pixels, torch.tensor([[2, 2]], device=model.device)).sum() * 0.0
+        return (args[0] + blank.to(args[0].dtype), *args[1:])
+
+    handle = model.language_model.register_forward_pre_hook(add_blank_image)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -108,25 +124,31 @@ def export(checkpoint_dir: str | os.PathLike, out: str | os.PathLike) -> None:
     in `out`, in one process: the model is rebuilt from config.json (with the run's LoRA adapters, merged)."""
     import torch.distributed.checkpoint as dcp
 
-    from ..checkpoint import save
+    from ..checkpoint import KEEP_FLOAT32, save
     from ..config import KimiVLConfig
     from ..errors import CheckpointError
     from ..model import KimiVLForConditionalGeneration
     from ..processing import KimiVLProcessor
-    from .lora import apply_lora, merged_state_dict
+    from .lora import apply_lora, is_lora_parameter, merged_state_dict
 
     src = Path(checkpoint_dir)
     if not (src / "dcp").is_dir() or not (src / "trainer.pt").is_file():
         raise CheckpointError(f"{src} is not a sharded training checkpoint (no dcp/ folder or trainer.pt)")
-    run = torch.load(src / "trainer.pt", weights_only=False)["config"]
+    saved = torch.load(src / "trainer.pt", weights_only=False)
+    run = saved["config"]
     config = KimiVLConfig.from_json(src / "config.json")
-    model = KimiVLForConditionalGeneration(config)
+    with torch.device("meta"):  # no random init of weights about to be overwritten
+        model = KimiVLForConditionalGeneration(config)
     if run.get("lora_rank"):
         apply_lora(model, tuple(run["lora_targets"]), run["lora_rank"], run["lora_alpha"])
+    dtype = getattr(torch, saved.get("dtype", "float32"))
+    model.to_empty(device="cpu")
+    for name, p in model.named_parameters():  # the training dtype; router biases stay float32 (as load keeps them)
+        if not name.endswith(KEEP_FLOAT32) and not is_lora_parameter(name):
+            p.data = p.data.to(dtype)
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=src / "dcp", no_dist=True)
-    model.load_state_dict(state["model"])
     save(model, out, state_dict=merged_state_dict(model) if run.get("lora_rank") else None)
     KimiVLProcessor.from_pretrained(src).save_pretrained(out)

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from ..errors import InputError, KimiVLError
+from ..model import next_token_loss
 from ..processing import KimiVLProcessor
 from . import parallel
 from .balance import ExpertBalance, load_summary, moe_layers, update_bias
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 PARTS = {"vision": "vision_tower", "projector": "multi_modal_projector", "decoder": "language_model"}
 BALANCE = ("none", "bias", "aux")
 # Settings a resumed run may change; any other difference from the saved run is refused.
-RESUMABLE = {"steps", "save_every", "log_every", "progress", "resume", "eval_data", "eval_limit"}
+RESUMABLE = {"out", "steps", "save_every", "log_every", "keep_checkpoints", "progress", "resume", "eval_data",
+             "eval_limit"}
 
 
 @dataclass
@@ -91,6 +92,21 @@ class SFTConfig:
             problems.append(f"balance {self.balance!r}: choose from {', '.join(BALANCE)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.log_every < 1 or self.save_every < 0 or self.keep_checkpoints < 1:
+            problems.append("log_every and keep_checkpoints must be >= 1 and save_every >= 0")
+        if world > 1 and self.balance == "aux":
+            problems.append("balance 'aux' is not supported with several processes (the balance loss is built after "
+                            "FSDP has resharded the router); use balance 'bias'")
+        if world > 1 and self.eval_data:
+            problems.append("eval_data is not supported with several processes: score OUT/model with `kimivl eval` "
+                            "after training")
+        if self.eval_data:
+            from ..eval.metrics import get_metric
+            get_metric(self.eval_metric)  # an unknown name fails now, not at the first checkpoint
+            if not Path(self.eval_data).is_file():
+                problems.append(f"eval_data {self.eval_data}: no such file")
         if problems:
             raise InputError("; ".join(problems))
 
@@ -158,7 +174,7 @@ def train(model: torch.nn.Module, processor: KimiVLProcessor, data: Sequence[lis
         raise InputError("no conversations to train on")
     out = Path(config.out)
     ckpt_root = out / "checkpoints"
-    resume_from = _prepare_out(out, config, dist) if dist.rank == 0 else None
+    resume_from = _prepare_out(out, config, dist, len(data)) if dist.rank == 0 else None
     resume_from = dist.broadcast_object(resume_from)
 
     torch.manual_seed(config.seed)
@@ -244,14 +260,14 @@ def train(model: torch.nn.Module, processor: KimiVLProcessor, data: Sequence[lis
             balance.remove()
     model.eval()
     final = out / "model"
+    dist.barrier()  # the last collective: rank 0's export below may take long, the others need not wait for it
     if dist.rank == 0:
         last = _newest_checkpoint(ckpt_root)
-        if last is not None and (last / "model").is_dir():
+        if dist.world == 1:
             _publish(last / "model", final)
-        elif last is not None:
+        else:
             parallel.export(last, final)
         plot_curves(out / "loss.png", _curves(out / "metrics.jsonl"))
-    dist.barrier()
     return TrainResult(losses=losses, step=config.steps, model_dir=final, checkpoints=saved)
 
 
@@ -265,17 +281,15 @@ def _accumulate(model, examples: list, micro: int, pad_id: int, n_targets: float
     for b in range(0, len(examples), micro):
         batch = {k: v.to(model.device) for k, v in collate(examples[b:b + micro], pad_id).items()}
         labels = batch.pop("labels")
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16), \
+                parallel.vision_in_step(model, dist.world > 1 and "pixel_values" not in batch):
             if balance is not None:
                 balance.observe(batch["attention_mask"])
             logits = model(**batch).logits
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE,
-                                 reduction="sum") / max(n_targets, 1.0)
+            ce = next_token_loss(logits, labels, IGNORE, reduction="sum") / max(n_targets, 1.0)
             aux = balance.take_aux_loss() if balance is not None else None
             aux = aux.sum() / batch_size if aux is not None else None
             loss = ce if aux is None else ce + aux
-            if dist.world > 1 and "pixel_values" not in batch:
-                loss = loss + parallel.touch_vision(model)  # every process must run the same FSDP blocks
         loss.backward()
         ce_total += float(ce.detach())
         aux_total += float(aux.detach()) if aux is not None else 0.0
@@ -290,7 +304,7 @@ def _encode(processor: KimiVLProcessor, data: Sequence[list[dict]], i: int, max_
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------------
-def _prepare_out(out: Path, config: SFTConfig, dist: "parallel.Distributed") -> Path | None:
+def _prepare_out(out: Path, config: SFTConfig, dist: "parallel.Distributed", n_data: int) -> Path | None:
     """Create `out`, record the run's settings, and return the checkpoint to resume from (None: a fresh start).
     Refuses to start over a folder holding checkpoints unless resuming, and to resume with other settings."""
     out.mkdir(parents=True, exist_ok=True)
@@ -298,7 +312,7 @@ def _prepare_out(out: Path, config: SFTConfig, dist: "parallel.Distributed") -> 
     for stale in root.glob(".tmp-*"):  # a save that was interrupted: never loadable, removed
         shutil.rmtree(stale, ignore_errors=True)
     last = _newest_checkpoint(root)
-    settings = {**dataclasses.asdict(config), "world_size": dist.world}
+    settings = {**dataclasses.asdict(config), "world_size": dist.world, "data_size": n_data}  # order depends on both
     settings_file = out / "train_config.json"
     if last is None:
         if config.resume:
@@ -357,8 +371,10 @@ def _save(root: Path, step: int, model, processor, optimizer, scheduler, config:
             else:
                 model.config.to_json(tmp / "config.json")
                 processor.save_pretrained(tmp)
-            state = {"step": step, "elapsed": elapsed, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            state = {"step": step, "elapsed": elapsed, "dtype": str(model.dtype).removeprefix("torch."),
+                     "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                      "config": dataclasses.asdict(config)}
             torch.save(state, tmp / "trainer.pt")
             shutil.rmtree(final, ignore_errors=True)
@@ -384,14 +400,15 @@ def _restore(path: Path, model, optimizer, scheduler, config: SFTConfig, dist: "
             if missing.unexpected_keys:
                 raise InputError(f"{path}: adapter tensors the model does not have: {missing.unexpected_keys[:5]}")
         else:
-            from ..checkpoint import load
-            saved = load(path / "model", dtype=model.dtype, device=model.device, progress=False).state_dict()
-            with torch.no_grad():
-                for name, p in model.state_dict().items():
-                    p.copy_(saved[name])
+            from ..checkpoint import read_into, read_layout
+            layout = read_layout(path / "model")
+            layout.raise_problems("cannot be resumed from")
+            read_into(model.state_dict(), layout, f"resume {path.name}")
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     random.setstate(state["rng"]["python"])
     return int(state["step"]), float(state["elapsed"])
 
@@ -409,8 +426,6 @@ def _evaluate(checkpoint_dir: Path, config: SFTConfig) -> float:
     from ..eval.runner import run_benchmark
 
     model_dir = checkpoint_dir / "model"
-    if not model_dir.is_dir():  # a sharded checkpoint: gather it into the official format first
-        parallel.export(checkpoint_dir, model_dir)
     report = run_benchmark(str(model_dir), config.eval_data, config.eval_metric, checkpoint_dir / "eval",
                            limit=config.eval_limit, progress=False)
     return float(report["headline"]["value"])

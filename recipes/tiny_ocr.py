@@ -1,10 +1,16 @@
-"""Train the demo model: a tiny Kimi-VL from random initialisation, with a small BPE tokenizer, on the training
-split of the synthetic OCR suite, then score it with `kimivl eval` on the held-out split (disjoint strings).
+"""Train a tiny Kimi-VL from random initialisation, with a small BPE tokenizer, on the training split of the
+synthetic OCR suite, then score it with `kimivl eval` (`ocr`: exact match) on the held-out split (disjoint strings).
 
-    .venv/bin/python recipes/tiny_ocr.py --out runs/tiny-ocr
+    .venv/bin/python recipes/tiny_ocr.py --out runs/tiny-ocr            # ~1 s per step on a 2-core CPU
 
 Seeded: the same command gives the same model on the same machine and torch build. The trained model is
-`--out/model`; the committed copy is `assets/tiny-ocr`.
+`--out/model`, the curves `--out/metrics.jsonl` and `--out/loss.png`.
+
+Status: on this 2-core CPU the 20-minute budget (about 1,100 steps of 16) is not enough. Every run so far stayed at
+the colour-guessing level (3-9% held-out exact match after 200-535 steps). Swapping the images between samples
+leaves its loss unchanged, so it had not started to read. The pipeline itself learns fast: a solid-colour question
+reaches 30/30 in 50 steps, and four glyphs cropped to fill the image are learnt in about 50 steps. The difficulty is
+finding the few image tokens that hold the text.
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ def make_initial(out: Path, seed: int, **arch: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/tiny-ocr")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=1100)  # about the 20-minute budget on a 2-core CPU
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=50)

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from kimivl import KimiVLForConditionalGeneration, KimiVLProcessor
 from kimivl.eval.synthetic import make_synthetic
 from kimivl.train import SFTConfig, SampleConversations, train
-from kimivl.train.parallel import export
+from kimivl.cli import main as cli_main
 from kimivl.train.sft import step_indices
 
 SETTINGS = dict(batch_size=4, micro_batch_size=1, lr=1e-3, warmup_steps=1, balance="bias", progress=False)
@@ -71,7 +71,7 @@ def test_two_processes_match_one_and_their_checkpoints_export(tiny_checkpoint, t
 
     ckpt = out / "checkpoints" / "step-0000003"
     assert (ckpt / "dcp").is_dir() and not (ckpt / "model").exists()
-    export(ckpt, tmp_path / "exported")
+    assert cli_main(["train", "export", str(ckpt), "--out", str(tmp_path / "exported")]) == 0
     exported = KimiVLForConditionalGeneration.from_pretrained(tmp_path / "exported")
     published = KimiVLForConditionalGeneration.from_pretrained(out / "model")  # written by rank 0 at the end
     worst = 0.0

@@ -322,6 +322,25 @@ def test_lora_merge_gives_the_unmerged_models_outputs(tiny, conversations, tmp_p
         torch.testing.assert_close(model(**batch).logits, unmerged, rtol=1e-5, atol=1e-5)
 
 
+def test_an_unmerged_lora_model_generates_as_its_merged_checkpoint(tiny, conversations):
+    """Cached decoding (the absorbed MLA path) sees every adapter: greedy tokens equal the merged model's."""
+    from kimivl import generate
+
+    path, processor = tiny
+    model = load(path)
+    apply_lora(model, ("attention", "mlp", "shared_experts", "projector", "vision"), rank=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    prompts = [[m for m in conversations[k] if m["role"] == "user"] for k in (0, 1)]
+    unmerged = generate(model, processor, prompts, max_new_tokens=8)
+    merged = load(path)
+    merged.load_state_dict(merged_state_dict(model))
+    assert unmerged == generate(merged, processor, prompts, max_new_tokens=8)
+    assert unmerged != generate(load(path), processor, prompts, max_new_tokens=8)  # the adapters matter
+
+
 def test_lora_run_trains_adapters_only_and_saves_a_merged_official_model(tiny, conversations, tmp_path):
     path, processor = tiny
     before = load(path).state_dict()

@@ -10,10 +10,12 @@ from ..errors import InputError
 
 ADAPTER = "default"
 
-# Target groups -> regexes over module names (peft matches a string target against the whole name).
+# Target groups -> regexes over module names (peft matches a string target against the whole name). kv_b_proj is
+# left out: cached decoding multiplies by `kv_b_proj.weight` directly (the absorbed MLA path), which would skip an
+# unmerged adapter there, so a LoRA model would generate differently from its merged checkpoint.
 LORA_TARGETS = {
     "attention": r"language_model\.model\.layers\.\d+\.self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa"
-                 r"|kv_b_proj|o_proj)",
+                 r"|o_proj)",
     "mlp": r"language_model\.model\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)",  # the dense layers
     "shared_experts": r"language_model\.model\.layers\.\d+\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)",
     "projector": r"multi_modal_projector\.(linear_1|linear_2)",

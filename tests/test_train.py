@@ -14,10 +14,10 @@ from PIL import Image
 from kimivl import InputError, KimiVLForConditionalGeneration, KimiVLProcessor
 from kimivl.cli import main as cli_main
 from kimivl.eval.synthetic import make_synthetic
-from kimivl.train import SFTConfig, SampleConversations, collate, encode, train
+from kimivl.train import SFTConfig, SampleConversations, collate, encode, merge_and_save, train
 from kimivl.train.balance import ExpertBalance, moe_layers, update_bias
 from kimivl.train.data import IGNORE, read_conversations
-from kimivl.train.lora import apply_lora, merge_lora, merged_state_dict
+from kimivl.train.lora import apply_lora, merged_state_dict
 from kimivl.train.sft import lr_lambda, prepare, step_indices
 
 
@@ -317,9 +317,11 @@ def test_lora_merge_gives_the_unmerged_models_outputs(tiny, conversations, tmp_p
         assert (plain(**batch).logits - unmerged).abs().max() > 1e-3  # the adapters matter
         plain.load_state_dict(merged_state_dict(model))
         torch.testing.assert_close(plain(**batch).logits, unmerged, rtol=1e-5, atol=1e-5)
-        merge_lora(model)
+        merge_and_save(model, processor, tmp_path / "merged")  # merges in place, then an official checkpoint
         assert set(model.state_dict()) == set(plain.state_dict())
         torch.testing.assert_close(model(**batch).logits, unmerged, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(load(tmp_path / "merged")(**batch).logits, unmerged, rtol=1e-5, atol=1e-5)
+        assert KimiVLProcessor.from_pretrained(tmp_path / "merged").tokenizer.vocab_size == 1280
 
 
 def test_an_unmerged_lora_model_generates_as_its_merged_checkpoint(tiny, conversations):

@@ -35,15 +35,11 @@ def make_checkpoint(out: Path) -> None:
 
     from kimivl import KimiVLForConditionalGeneration
     from kimivl.model import init_weights
-    from weights_tools.tiny import PREPROCESSOR_CONFIG
-    from weights_tools.tiny_tokenizer import write_tokenizer
+    from weights_tools.tiny import write_checkpoint
 
-    config = wide_config()
-    model = KimiVLForConditionalGeneration(config)
+    model = KimiVLForConditionalGeneration(wide_config())
     init_weights(model, seed=0)
-    model.save_pretrained(out)
-    write_tokenizer(out, config.text_config.vocab_size)
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG))
+    write_checkpoint(model, out)
 
 
 def run_mode(ckpt: str, out: str, mode: str, steps: int, batch_size: int) -> None:

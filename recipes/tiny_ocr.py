@@ -27,8 +27,7 @@ from kimivl.eval.runner import run_benchmark
 from kimivl.eval.synthetic import COLOURS, SyntheticSuite, write_synthetic
 from kimivl.model import init_weights
 from kimivl.train import SFTConfig, SampleConversations, train
-from weights_tools.tiny import PREPROCESSOR_CONFIG
-from weights_tools.tiny_tokenizer import write_tokenizer
+from weights_tools.tiny import write_checkpoint
 
 BPE_TOKENS = 320  # byte-level BPE ranks: 256 bytes + merges learnt from the prompts only, so answers stay spelt
 VOCAB = BPE_TOKENS + 256  # + Kimi's 256 special ids
@@ -63,9 +62,7 @@ def make_initial(out: Path, seed: int, **arch: int) -> None:
     """A random model with the recipe's tokenizer, written as an official checkpoint."""
     model = KimiVLForConditionalGeneration(config(**arch))
     init_weights(model, seed=seed)
-    model.save_pretrained(out)
-    write_tokenizer(out, VOCAB, CORPUS)
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+    write_checkpoint(model, out, CORPUS)
 
 
 def main() -> None:

@@ -52,7 +52,14 @@ def make_tiny(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, shard
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    model.save_pretrained(out, max_shard_size=total // shards + 1)
-    (Path(out) / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
-    write_tokenizer(out, config.text_config.vocab_size)
+    write_checkpoint(model, out, max_shard_size=total // shards + 1)
     return model
+
+
+def write_checkpoint(model: KimiVLForConditionalGeneration, out: str | os.PathLike, corpus: str | None = None,
+                     max_shard_size: int | str = "5GB") -> None:
+    """`model` as an official checkpoint directory: weights and config, the published preprocessor settings and a
+    small BPE tokenizer learnt from `corpus` (default: the built-in English sample) sized to the model's vocabulary."""
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    (Path(out) / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+    write_tokenizer(out, model.config.text_config.vocab_size, corpus)

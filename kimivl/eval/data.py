@@ -69,6 +69,12 @@ def build_prompt(sample: Sample) -> str:
     return "\n".join(parts)
 
 
+def sample_turn(sample: Sample) -> dict:
+    """The user turn a sample is asked as: its images, then the `build_prompt` text."""
+    content = [{"type": "image", "image": im} for im in sample.pil_images()]
+    return {"role": "user", "content": content + [{"type": "text", "text": build_prompt(sample)}]}
+
+
 # ---- circular evaluation (MMBench) --------------------------------------------------------------------------------
 def circular_expand(samples: list[Sample]) -> list[Sample]:
     """MMBench circular evaluation: a question with N options is asked N times, its options rotated by k = 0..N-1;

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import fingerprint
 from ..errors import InputError
-from .data import CIRCULAR_STRIDE, Sample, build_prompt, circular_expand, read_dataset
+from .data import CIRCULAR_STRIDE, Sample, build_prompt, circular_expand, read_dataset, sample_turn
 from .errors import EvalError
 from .metrics import Metric, evaluate, get_metric
 
@@ -108,9 +108,8 @@ class ModelPredictor:
         return self._model
 
     def conversation(self, sample: Sample) -> list[dict]:
-        content = [{"type": "image", "image": im} for im in sample.pil_images()]
         messages = [{"role": "system", "content": self.system}] if self.system else []
-        return messages + [{"role": "user", "content": content + [{"type": "text", "text": build_prompt(sample)}]}]
+        return messages + [sample_turn(sample)]
 
     def predict(self, samples: list[Sample]) -> list[str]:
         from ..generation import generate

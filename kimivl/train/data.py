@@ -35,11 +35,9 @@ class Example:
 def sample_conversation(sample) -> list[dict]:
     """An eval `Sample` as a training conversation: the user turn `kimivl eval` asks (images, then `build_prompt`)
     and its first answer as the assistant turn, so a model trained on it is asked in the same words when scored."""
-    from ..eval.data import build_prompt
+    from ..eval.data import sample_turn
 
-    content = [{"type": "image", "image": im} for im in sample.pil_images()]
-    return [{"role": "user", "content": content + [{"type": "text", "text": build_prompt(sample)}]},
-            {"role": "assistant", "content": sample.answers[0]}]
+    return [sample_turn(sample), {"role": "assistant", "content": sample.answers[0]}]
 
 
 class SampleConversations(Sequence):

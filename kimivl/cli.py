@@ -218,7 +218,8 @@ TRAIN_HELP = {
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     import dataclasses
-    from .train.sft import BALANCE, PARTS, SFTConfig
+    from .train.run import PARTS
+    from .train.sft import BALANCE, SFTConfig
     from .train.lora import LORA_TARGETS
 
     p = sub.add_parser("train", help="finetune a model: `kimivl train sft`, `kimivl train export`")

@@ -18,7 +18,7 @@ from kimivl.train import SFTConfig, SampleConversations, collate, encode, merge_
 from kimivl.train.balance import ExpertBalance, moe_layers, update_bias
 from kimivl.train.data import IGNORE, read_conversations
 from kimivl.train.lora import apply_lora, merged_state_dict
-from kimivl.train.sft import lr_lambda, prepare, step_indices
+from kimivl.train.run import lr_lambda, prepare, step_indices
 
 
 
@@ -369,7 +369,7 @@ def test_resume_continues_exactly(tiny, conversations, tmp_path, mode, monkeypat
     settings = dict(steps=20, batch_size=2, warmup_steps=3, save_every=5, **mode)
     straight, losses = run(path, processor, conversations, tmp_path / "straight", **settings)
     first: list[float] = []
-    save = sft._save
+    save = sft.save_checkpoint
 
     def save_then_stop(root, step, *args):
         saved = save(root, step, *args)
@@ -378,10 +378,10 @@ def test_resume_continues_exactly(tiny, conversations, tmp_path, mode, monkeypat
             raise KeyboardInterrupt
         return saved
 
-    monkeypatch.setattr(sft, "_save", save_then_stop)
+    monkeypatch.setattr(sft, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run(path, processor, conversations, tmp_path / "split", **settings)
-    monkeypatch.setattr(sft, "_save", save)
+    monkeypatch.setattr(sft, "save_checkpoint", save)
     resumed, second = run(path, processor, conversations, tmp_path / "split", **{**settings, "resume": True})
     assert len(first) == 10 and first + second == losses
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):

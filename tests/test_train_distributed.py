@@ -15,7 +15,7 @@ from kimivl import KimiVLForConditionalGeneration, KimiVLProcessor
 from kimivl.eval.synthetic import make_synthetic
 from kimivl.train import SFTConfig, SampleConversations, train
 from kimivl.cli import main as cli_main
-from kimivl.train.sft import step_indices
+from kimivl.train.run import step_indices
 
 SETTINGS = dict(batch_size=4, micro_batch_size=1, lr=1e-3, warmup_steps=1, balance="bias", progress=False)
 

@@ -76,14 +76,22 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generat
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at `tokens`: logits [..., V], tokens [...] -> [...] float32."""
+    logits = logits.float() / (temperature or 1.0)
+    return logits.gather(-1, tokens[..., None])[..., 0] - logits.logsumexp(-1)
+
+
 @torch.no_grad()
 def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Tensor,
                     attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                     image_grid_hws: torch.Tensor | None = None, config: GenerationConfig | None = None,
-                    stop_ids: Sequence[int] = (), pad_id: int = 0, stats: GenerationStats | None = None
-                    ) -> Iterator[torch.Tensor]:
+                    stop_ids: Sequence[int] = (), pad_id: int = 0, stats: GenerationStats | None = None,
+                    logprobs: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [B], step by step, until every row has produced a stop id or
     max_new_tokens are done; rows that have stopped yield pad_id. input_ids are left-padded (attention_mask 0).
+    Given a list, `logprobs` gets one [B] tensor per yielded step: each token's log-probability under
+    softmax(logits / temperature) (temperature 0: the plain softmax), before any top_k / top_p truncation.
 
     Prefill runs the prompt once and fills the latent cache; each decode step runs one token per row against it.
     """
@@ -115,6 +123,8 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
     logits = lm.lm_head(lm.hidden_states(embeds, positions, attention_mask, cache)[:, -1]).float()  # [B, V]
     next_pos = positions[:, -1:] + 1  # [B, 1]
     token = sample(logits, cfg, generator)
+    if logprobs is not None:
+        logprobs.append(token_logprobs(logits, token, cfg.temperature))
     stats.prompt_tokens += int(attention_mask.sum())
     stats.prefill_seconds += time.perf_counter() - start
 
@@ -126,7 +136,10 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
             return
         start = time.perf_counter()
         hidden = lm.hidden_states(lm.model.embed_tokens(token[:, None]), next_pos, None, cache)
-        token = sample(lm.lm_head(hidden[:, -1]).float(), cfg, generator)
+        logits = lm.lm_head(hidden[:, -1]).float()
+        token = sample(logits, cfg, generator)
+        if logprobs is not None:
+            logprobs.append(token_logprobs(logits, token, cfg.temperature))
         next_pos = next_pos + 1
         stats.new_tokens += int((~finished).sum())
         stats.decode_seconds += time.perf_counter() - start

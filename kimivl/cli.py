@@ -216,44 +216,89 @@ TRAIN_HELP = {
 }
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
+RL_HELP = {
+    "prompts_per_step": "prompts per step", "group_size": "responses sampled per prompt",
+    "max_new_tokens": "response length limit", "temperature": "sampling temperature (> 0)",
+    "top_k": "sample from the k most likely tokens (0: all)", "top_p": "nucleus sampling mass (1: off)",
+    "epochs": "optimizer steps over each step's rollouts", "micro_batch_size": "responses per forward/backward (0: all)",
+    "clip_eps": "ratio clip below 1 (and above, unless --clip-eps-high)", "clip_eps_high": "ratio clip above 1",
+    "kl_coef": "weight of the KL to the reference (0: no reference held)",
+    "loss_agg": "loss averaging: per sequence then over sequences, or over all tokens",
+    "dynamic_sampling": "drop groups with equal rewards and refill them", "max_sampling_rounds":
+    "generation rounds per step at most when refilling", "overlong_buffer": "penalise the last N tokens of the "
+    "length limit (0: off; default for dapo: a fifth)", "overlong_penalty": "scale of the overlong penalty",
+    "gamma": "discount", "lam": "GAE lambda", "value_coef": "weight of the value loss",
+    "value_clip": "value clip range", "normalize_advantages": "whiten advantages",
+    "reward_norm": "standardise rewards by their running mean and std", "reward_clip": "clip rewards (0: off)",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, config_class, choices: dict[str, list[str]]) -> None:
+    """One flag per field of a trainer config dataclass (`--out` required), defaults and help from the class."""
     import dataclasses
+    helps = {**TRAIN_HELP, **RL_HELP}
+    for f in dataclasses.fields(config_class):
+        if f.name == "progress":
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if f.name == "out":
+            parser.add_argument(flag, required=True, help="output directory")
+        elif isinstance(default, bool) or f.name == "bf16":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps[f.name])
+        elif isinstance(default, tuple):
+            kind = type(default[0]) if default else str
+            parser.add_argument(flag, nargs="*" if f.name == "freeze" else "+", type=kind, default=default,
+                                choices=choices.get(f.name),
+                                help=f"{helps[f.name]} (default: {' '.join(map(str, default)) or 'none'})")
+        else:
+            kind = {"max_length": int, "eval_data": str, "aux_loss_alpha": float, "eval_limit": int,
+                    "clip_eps_high": float, "overlong_buffer": int}.get(f.name, type(default))
+            parser.add_argument(flag, type=kind, default=default, choices=choices.get(f.name),
+                                help=f"{helps[f.name]} (default: {default})")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory to start from")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights (and optimizer) dtype; default float32, with --bf16 autocast for speed on GPUs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .train.lora import LORA_TARGETS
+    from .train.rl import ALGORITHMS, LOSS_AGGREGATION
+    from .train.rewards import REWARDS
     from .train.run import PARTS
     from .train.sft import BALANCE, SFTConfig
-    from .train.lora import LORA_TARGETS
 
-    p = sub.add_parser("train", help="finetune a model: `kimivl train sft`, `kimivl train export`")
-    tsub = p.add_subparsers(dest="train_command", required=True, metavar="sft|export")
+    p = sub.add_parser("train", help="finetune a model: `kimivl train sft|grpo|dapo|ppo|export`")
+    tsub = p.add_subparsers(dest="train_command", required=True, metavar="sft|grpo|dapo|ppo|export")
     s = tsub.add_parser(
         "sft", help="supervised finetuning on conversations",
         description="Finetune --model on --data (JSONL of {\"messages\": [...]} or an eval .tsv/.jsonl, each sample a "
                     "user turn and its answer); the loss counts assistant tokens only. Checkpoints, metrics.jsonl, "
                     "loss.png and the final model (OUT/model, official format, LoRA merged) go to --out. Under "
                     "`torchrun --nproc-per-node N -m kimivl.train sft ...` the model is sharded with FSDP2.")
-    s.add_argument("--model", required=True, help="checkpoint directory to start from")
+    _add_model_flags(s)
     s.add_argument("--data", required=True, help="training conversations")
-    s.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
-    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="weights (and optimizer) dtype; default float32, with --bf16 autocast for speed on GPUs")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    choices = {"freeze": list(PARTS), "lora_targets": list(LORA_TARGETS), "balance": list(BALANCE)}
-    for f in dataclasses.fields(SFTConfig):
-        if f.name in ("progress",):
-            continue
-        flag, default = "--" + f.name.replace("_", "-"), f.default
-        if f.name == "out":
-            s.add_argument(flag, required=True, help="output directory")
-        elif isinstance(default, bool) or f.name == "bf16":
-            s.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=TRAIN_HELP[f.name])
-        elif isinstance(default, tuple):
-            kind = type(default[0]) if default else str
-            s.add_argument(flag, nargs="*" if f.name == "freeze" else "+", type=kind, default=default,
-                           choices=choices.get(f.name), help=f"{TRAIN_HELP[f.name]} (default: {' '.join(map(str, default)) or 'none'})")
-        else:
-            kind = {"max_length": int, "eval_data": str, "aux_loss_alpha": float, "eval_limit": int}.get(
-                f.name, type(default))
-            s.add_argument(flag, type=kind, default=default, choices=choices.get(f.name),
-                           help=f"{TRAIN_HELP[f.name]} (default: {default})")
+    choices = {"freeze": list(PARTS), "lora_targets": list(LORA_TARGETS), "balance": list(BALANCE),
+               "loss_agg": list(LOSS_AGGREGATION)}
+    _add_config_flags(s, SFTConfig, choices)
+    titles = {"grpo": "GRPO (group-normalised advantages, clipped ratio, KL to the reference)",
+              "dapo": "DAPO (decoupled clip, token-level loss, dynamic sampling, overlong shaping)",
+              "ppo": "PPO (value head, GAE, clipped policy and value losses, KL in the rewards)"}
+    for name, config_class in ALGORITHMS.items():
+        r = tsub.add_parser(
+            name, help=f"reinforcement learning: {titles[name]}",
+            description=f"{titles[name]} on the prompts of --data (an eval .tsv/.jsonl: images, question, answers), "
+                        "responses scored by --reward. Checkpoints, metrics.jsonl, reward.png and the final model "
+                        "(OUT/model, official format, LoRA merged) go to --out.")
+        _add_model_flags(r)
+        r.add_argument("--data", required=True, help="prompts with their answers (eval file)")
+        r.add_argument("--reward", required=True,
+                       help=f"{', '.join(REWARDS)}; names joined by + are summed; or package.module:function")
+        _add_config_flags(r, config_class, choices)
     e = tsub.add_parser("export", help="a sharded (multi-process) training checkpoint -> an official checkpoint")
     e.add_argument("checkpoint", help="OUT/checkpoints/step-NNNNNNN of a torchrun run")
     e.add_argument("--out", required=True, help="directory for the official checkpoint")
@@ -269,24 +314,40 @@ def _train(args: argparse.Namespace) -> None:
     import torch
     from .model import KimiVLForConditionalGeneration
     from .processing import KimiVLProcessor
-    from .train import SFTConfig, read_conversations, train
+    from .train import SFTConfig, read_conversations
+    from .train.rl import ALGORITHMS
 
     dist = parallel.Distributed.from_env()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and dist.world > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if hasattr(args, f.name)}
+    config_class = SFTConfig if args.train_command == "sft" else ALGORITHMS[args.train_command]
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-    config = SFTConfig(**settings, progress=False if args.no_progress else None)
-    data = read_conversations(args.data)
+    config = config_class(**settings, progress=False if args.no_progress else None)
+    if args.train_command == "sft":
+        data = read_conversations(args.data)
+    else:
+        from .eval.data import read_dataset
+        from .train.rewards import get_reward
+        get_reward(args.reward)  # an unknown reward fails before the model loads
+        data = read_dataset(args.data)
     processor = KimiVLProcessor.from_pretrained(args.model)
     model = KimiVLForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype, device=device,
                                                            progress=False if args.no_progress else None)
-    result = train(model, processor, data, config)
-    if dist.rank == 0:
-        print(f"trained {result.step} steps; final loss {result.losses[-1]:.4f}" if result.losses else
-              f"nothing to do: {args.out} is already at step {result.step}")
-        print(f"model: {result.model_dir}; metrics: {args.out}/metrics.jsonl; curve: {args.out}/loss.png")
+    if args.train_command == "sft":
+        from .train import train
+        result = train(model, processor, data, config)
+        if dist.rank == 0:
+            print(f"trained {result.step} steps; final loss {result.losses[-1]:.4f}" if result.losses else
+                  f"nothing to do: {args.out} is already at step {result.step}")
+            print(f"model: {result.model_dir}; metrics: {args.out}/metrics.jsonl; curve: {args.out}/loss.png")
+        return
+    from .train.rl import train as train_rl
+    result = train_rl(model, processor, data, args.reward, config)
+    print(f"trained {result.step} steps; mean reward of the last step {result.rewards[-1]:.4f}" if result.rewards
+          else f"nothing to do: {args.out} is already at step {result.step}")
+    print(f"model: {result.model_dir}; metrics: {args.out}/metrics.jsonl; curve: {args.out}/reward.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -420,7 +421,12 @@ def response_forward(model, batch: dict, starts: torch.Tensor, tokens: torch.Ten
     one forward of prompt + response; the head runs on response positions only."""
     lm = model.language_model
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    embeds = model.embed(ids, batch.get("pixel_values"), batch.get("image_grid_hws"))
+    # A sampled <|media_pad|> is a plain token (cached decoding embeds it so), not an image slot.
+    sampled_media = (torch.arange(ids.shape[1], device=ids.device) > starts[:, None]) & (
+        ids == model.config.media_placeholder_token_id)
+    embeds = model.embed(ids.masked_fill(sampled_media, 0), batch.get("pixel_values"), batch.get("image_grid_hws"))
+    if bool(sampled_media.any()):
+        embeds = torch.where(sampled_media[..., None], lm.model.embed_tokens(ids).to(embeds.dtype), embeds)
     hidden = lm.hidden_states(embeds, default_position_ids(ids, mask), mask)  # [n, T, H]
     positions = (starts[:, None] + torch.arange(tokens.shape[1], device=ids.device)).clamp(max=ids.shape[1] - 1)
     h = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # [n, L, H]
@@ -527,7 +533,9 @@ def train(model: nn.Module, processor: KimiVLProcessor, samples: Sequence[Sample
                     record.update(_optimize(model, ro, config, reference, value_head, moments, params, optimizer,
                                             micro_size, pad_id))
             lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            with warnings.catch_warnings():  # a step whose groups were all dropped made no optimizer step
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                scheduler.step()
             record.update(lr=lr, seconds=time.perf_counter() - t_start, step_seconds=time.perf_counter() - t0)
             rewards_log.append(record["reward"])
             losses.append(record.get("loss", 0.0))

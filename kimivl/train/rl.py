@@ -210,11 +210,11 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return (per_token * weights).sum(), clipped
 
 
-def loss_weights(mask: torch.Tensor, how: str) -> torch.Tensor:
+def loss_weights(mask: torch.Tensor, how: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-token weights [N, L] that aggregate a per-token loss by a weighted sum: "token" divides by all the batch's
     tokens, "sequence" by each response's length and then the number of responses. Any split of the batch into
     micro-batches sums to the same total."""
-    mask = mask.float()
+    mask = mask.to(dtype)
     if how == "token":
         return mask / mask.sum().clamp(min=1)
     return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * mask.shape[0])

@@ -87,11 +87,13 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
                     attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                     image_grid_hws: torch.Tensor | None = None, config: GenerationConfig | None = None,
                     stop_ids: Sequence[int] = (), pad_id: int = 0, stats: GenerationStats | None = None,
-                    logprobs: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+                    logprobs: list[torch.Tensor] | None = None, image_features: torch.Tensor | None = None
+                    ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [B], step by step, until every row has produced a stop id or
     max_new_tokens are done; rows that have stopped yield pad_id. input_ids are left-padded (attention_mask 0).
     Given a list, `logprobs` gets one [B] tensor per yielded step: each token's log-probability under
     softmax(logits / temperature) (temperature 0: the plain softmax), before any top_k / top_p truncation.
+    `image_features` may replace pixel_values (see `KimiVLForConditionalGeneration.embed`).
 
     Prefill runs the prompt once and fills the latent cache; each decode step runs one token per row against it.
     """
@@ -119,7 +121,7 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
     start = time.perf_counter()
     cache = MLACache(lm.config, B, T + cfg.max_new_tokens, device=model.device, dtype=model.dtype)
     positions = default_position_ids(input_ids, attention_mask)
-    embeds = model.embed(input_ids, pixel_values, image_grid_hws)
+    embeds = model.embed(input_ids, pixel_values, image_grid_hws, image_features)
     logits = lm.lm_head(lm.hidden_states(embeds, positions, attention_mask, cache)[:, -1]).float()  # [B, V]
     next_pos = positions[:, -1:] + 1  # [B, 1]
     token = sample(logits, cfg, generator)

@@ -60,19 +60,25 @@ class KimiVLForConditionalGeneration(nn.Module):
         return self.multi_modal_projector(torch.cat(merged))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_grid_hws: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with image features written over the `<|media_pad|>` positions, in order."""
+              image_grid_hws: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """Token embeddings with image features written over the `<|media_pad|>` positions, in order. The features
+        come from the images, or are given already computed (`image_features` [N_tokens, hidden], e.g. one image's
+        features repeated for several rows)."""
         embeds = self.language_model.model.embed_tokens(input_ids)  # [B, T, H]
         is_media = input_ids == self.config.media_placeholder_token_id
         n_slots = int(is_media.sum())
-        if pixel_values is None or pixel_values.numel() == 0:
+        if image_features is not None:
+            feats = image_features
+        elif pixel_values is None or pixel_values.numel() == 0:
             if n_slots:
                 raise InputError(f"input_ids hold {n_slots} <|media_pad|> tokens "
                                  f"(id {self.config.media_placeholder_token_id}) but no pixel_values were given")
             return embeds
-        if image_grid_hws is None:
+        elif image_grid_hws is None:
             raise InputError("pixel_values were given without image_grid_hws")
-        feats = self.image_features(pixel_values, image_grid_hws)
+        else:
+            feats = self.image_features(pixel_values, image_grid_hws)
         if feats.shape[0] != n_slots:
             raise InputError(f"the images give {feats.shape[0]} feature tokens (sum of h*w/4 over image_grid_hws) "
                              f"but input_ids hold {n_slots} <|media_pad|> tokens: expand each image's placeholder "

@@ -204,8 +204,15 @@ def test_rollout_logprobs_equal_the_training_forward(tiny):
     assert ro.tokens.shape[0] == 9 and ro.logprobs.shape == ro.tokens.shape
     assert ro.truncated.any() and not ro.truncated.all() and int(ro.lengths.min()) < 7
     model.train()
-    again, _ = rl.score_tokens(model, rl.batches(ro, 4, processor.tokenizer.pad_id, "cpu"), config.temperature)
+    again, _ = rl.score_tokens(model, ro, rl.batches(ro, 4, processor.tokenizer.pad_id, "cpu"), config.temperature)
     torch.testing.assert_close(again[ro.mask], ro.logprobs[ro.mask], rtol=0, atol=1e-5)
+    for r in (0, 4, 8):  # and those of the plain model forward on each row's own prompt + response and images
+        n, p = int(ro.lengths[r]), r // 3
+        ids = torch.cat([ro.prompt_ids[p], ro.tokens[r, :n]])[None]
+        with torch.no_grad():
+            logits = model(ids, ro.pixel_values[p], ro.image_grid_hws[p]).logits[0, len(ro.prompt_ids[p]) - 1:-1]
+        plain = torch.log_softmax(logits / config.temperature, -1).gather(-1, ro.tokens[r, :n, None])[:, 0]
+        torch.testing.assert_close(again[r, :n], plain, rtol=0, atol=1e-5)
     for r in range(9):  # texts are the responses without their stop token; scores are the reward of each text
         n = int(ro.lengths[r])
         ids = ro.tokens[r, :n - (0 if ro.truncated[r] else 1)]
@@ -223,7 +230,7 @@ def test_a_sampled_media_pad_token_is_a_plain_token(tiny):
     ro = rl.rollout(model, processor, make_synthetic(1, split="train"), digits,
                     GRPOConfig(out="x", group_size=2, max_new_tokens=3), seed=0)
     assert bool((ro.tokens == media).any())
-    again, _ = rl.score_tokens(model, rl.batches(ro, 2, processor.tokenizer.pad_id, "cpu"), 1.0)
+    again, _ = rl.score_tokens(model, ro, rl.batches(ro, 2, processor.tokenizer.pad_id, "cpu"), 1.0)
     torch.testing.assert_close(again[ro.mask], ro.logprobs[ro.mask], rtol=0, atol=1e-5)
 
 
@@ -238,11 +245,11 @@ def test_lora_reference_is_the_base_model(tiny):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    plain, _ = rl.score_tokens(base, micro, 1.0)
-    adapted, _ = rl.score_tokens(model, micro, 1.0)
+    plain, _ = rl.score_tokens(base, ro, micro, 1.0)
+    adapted, _ = rl.score_tokens(model, ro, micro, 1.0)
     with rl.adapters_off(model):
-        reference, _ = rl.score_tokens(model, micro, 1.0)
-    after, _ = rl.score_tokens(model, micro, 1.0)
+        reference, _ = rl.score_tokens(model, ro, micro, 1.0)
+    after, _ = rl.score_tokens(model, ro, micro, 1.0)
     m = ro.mask
     torch.testing.assert_close(reference[m], plain[m], rtol=0, atol=1e-6)
     assert float((adapted - plain)[m].abs().max()) > 1e-3
@@ -291,7 +298,7 @@ def test_dynamic_sampling_drops_uniform_groups_and_refills(tiny):
     assert len(ro.samples) == 3 and info["groups_kept"] == 3 and info["prompts_drawn"] > 3
     assert not {s.index for s in ro.samples} & flat
     assert not rl.uniform_groups(ro.scores.view(3, 3)).any()
-    assert len(ro.examples) == 9 and ro.tokens.shape[0] == 9
+    assert len(ro.prompt_ids) == 3 and ro.tokens.shape[0] == 9
     nothing, info = rl.collect(model, processor, samples, lambda s, c: 0.0, config, step=0)
     assert info["empty"] and info["prompts_drawn"] == 3 * config.max_sampling_rounds
 

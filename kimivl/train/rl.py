@@ -45,7 +45,6 @@ from ..generation import GenerationConfig, generate_tokens, token_logprobs
 from ..model import default_position_ids
 from ..processing import KimiVLProcessor
 from . import parallel
-from .data import IGNORE, Example, collate
 from .plot import plot_curves
 from .rewards import Reward, get_reward
 from .run import (TrainConfig, evaluate_checkpoint, newest_checkpoint, optimizer_and_schedule, prepare, prepare_out,
@@ -293,11 +292,14 @@ class ValueHead(nn.Module):
 @dataclass
 class Rollouts:
     """Responses to prompts, group-major (row r answers prompt r // group_size), right-padded to L tokens. A response
-    ends with its stop token when it stopped, so the choice to stop is trained too."""
+    ends with its stop token when it stopped, so the choice to stop is trained too. Each prompt's images are kept
+    once: their features are computed once per prompt and shared by its group's rows."""
 
     samples: list[Sample]  # [P]
-    examples: list[Example]  # [N]: prompt + response ids; labels are the response tokens, IGNORE elsewhere
-    prompt_lengths: torch.Tensor  # [N]
+    group_size: int
+    prompt_ids: list[torch.Tensor]  # [P] token ids of each prompt, image slots expanded
+    pixel_values: list[torch.Tensor | None]  # [P] each prompt's patches (None: no image)
+    image_grid_hws: list[torch.Tensor | None]  # [P]
     tokens: torch.Tensor  # [N, L] response ids (pad past the end)
     mask: torch.Tensor  # [N, L] bool: real response tokens
     logprobs: torch.Tensor  # [N, L] as sampled (cached decoding)
@@ -310,69 +312,72 @@ class Rollouts:
         return self.mask.sum(-1)
 
 
+def image_features(model, ro: Rollouts, prompts: list[int], rows: list[int]) -> torch.Tensor | None:
+    """The image features of `rows` (each its prompt's), from one vision pass over the distinct `prompts`."""
+    with_images = [p for p in prompts if ro.pixel_values[p] is not None]
+    if not with_images:
+        return None
+    media = model.config.media_placeholder_token_id
+    feats = model.image_features(torch.cat([ro.pixel_values[p] for p in with_images]).to(model.device, model.dtype),
+                                 torch.cat([ro.image_grid_hws[p] for p in with_images]).to(model.device))
+    per_prompt = dict(zip(with_images, feats.split([int((ro.prompt_ids[p] == media).sum()) for p in with_images])))
+    G = ro.group_size
+    return torch.cat([per_prompt[r // G] for r in rows if r // G in per_prompt])
+
+
 @torch.no_grad()
 def rollout(model, processor: KimiVLProcessor, samples: list[Sample], reward: Reward, config: RLConfig, seed: int
             ) -> Rollouts:
     """Sample `group_size` responses to each sample's prompt in one batched generation and score them."""
     tok = processor.tokenizer
     G = config.group_size
-    prompts = []
-    for s in samples:
-        enc = processor([sample_turn(s)])
-        prompts.append((enc["input_ids"][0], enc.get("pixel_values"), enc.get("image_grid_hws")))
-    rows = [p for p in prompts for _ in range(G)]
-    width = max(len(ids) for ids, _, _ in rows)
+    encoded = [processor([sample_turn(s)]) for s in samples]
+    ro = Rollouts(samples, G, [e["input_ids"][0] for e in encoded], [e.get("pixel_values") for e in encoded],
+                  [e.get("image_grid_hws") for e in encoded], torch.zeros(0), torch.zeros(0), torch.zeros(0), [],
+                  torch.zeros(0), torch.zeros(0))
+    rows = list(range(len(samples) * G))
+    width = max(len(ids) for ids in ro.prompt_ids)
     input_ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, (ids, _, _) in enumerate(rows):  # left-padded: generation continues every row at the last column
+    for r in rows:  # left-padded: generation continues every row at the last column
+        ids = ro.prompt_ids[r // G]
         input_ids[r, width - len(ids):], attention_mask[r, width - len(ids):] = ids, 1
-    pixels = [p for _, p, _ in rows if p is not None]
-    grids = [g for _, _, g in rows if g is not None]
     stop_ids = sorted(set(tok.stop_ids) | set(model.config.text_config.eos_token_ids))
     gen = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                            top_k=config.top_k, top_p=config.top_p, seed=seed)
     logprobs: list[torch.Tensor] = []
-    device = model.device
-    steps = generate_tokens(model, input_ids.to(device), attention_mask.to(device),
-                            torch.cat(pixels).to(device, model.dtype) if pixels else None,
-                            torch.cat(grids).to(device) if grids else None, gen, stop_ids, tok.pad_id,
-                            logprobs=logprobs)
+    steps = generate_tokens(model, input_ids.to(model.device), attention_mask.to(model.device), config=gen,
+                            stop_ids=stop_ids, pad_id=tok.pad_id, logprobs=logprobs,
+                            image_features=image_features(model, ro, list(range(len(samples))), rows))
     tokens = torch.stack(list(steps), dim=1).cpu()  # [N, n]
-    logprobs_t = torch.stack(logprobs, dim=1).float().cpu()
     is_stop = torch.isin(tokens, torch.tensor(stop_ids))
     stopped = is_stop.any(-1)
     lengths = torch.where(stopped, is_stop.int().argmax(-1) + 1, tokens.shape[1])
     L = int(lengths.max())
-    mask = torch.arange(L)[None] < lengths[:, None]
-    tokens = torch.where(mask, tokens[:, :L], tok.pad_id)
-    examples, texts = [], []
-    for r, (ids, pix, grid) in enumerate(rows):
-        response = tokens[r, :lengths[r]]
-        examples.append(Example(torch.cat([ids, response]), torch.cat([torch.full_like(ids, IGNORE), response]),
-                                pix if pix is not None else torch.zeros(0, 3, 14, 14),
-                                grid if grid is not None else torch.zeros(0, 2, dtype=torch.long)))
-        texts.append(processor.decode(response[:-1] if stopped[r] else response))
-    scores = torch.tensor([float(reward(samples[r // G], t)) for r, t in enumerate(texts)])
-    return Rollouts(samples, examples, torch.tensor([len(ids) for ids, _, _ in rows]), tokens, mask,
-                    torch.where(mask, logprobs_t[:, :L], 0.0), texts, scores, ~stopped)
+    ro.mask = torch.arange(L)[None] < lengths[:, None]
+    ro.tokens = torch.where(ro.mask, tokens[:, :L], tok.pad_id)
+    ro.logprobs = torch.where(ro.mask, torch.stack(logprobs, dim=1).float().cpu()[:, :L], 0.0)
+    ro.truncated = ~stopped
+    ro.texts = [processor.decode(ro.tokens[r, :lengths[r] - int(stopped[r])]) for r in rows]
+    ro.scores = torch.tensor([float(reward(samples[r // G], t)) for r, t in zip(rows, ro.texts)])
+    return ro
 
 
-def concat_rollouts(parts: list[Rollouts], keep: list[tuple[int, int]], G: int) -> Rollouts:
+def concat_rollouts(parts: list[Rollouts], keep: list[tuple[int, int]]) -> Rollouts:
     """The groups `keep` ((part, prompt) pairs) of several rollouts as one, re-padded to their longest response."""
+    G = parts[0].group_size
     rows = [(parts[p], q * G + g) for p, q in keep for g in range(G)]
     L = max(int(part.lengths[r]) for part, r in rows)
 
-    def pad(t: torch.Tensor, value) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, L - t.shape[-1]), value=value)
+    def stack(name: str, value) -> torch.Tensor:
+        return torch.stack([torch.nn.functional.pad(getattr(part, name)[r], (0, L - getattr(part, name).shape[1]),
+                                                    value=value) for part, r in rows])
     return Rollouts(
-        samples=[parts[p].samples[q] for p, q in keep],
-        examples=[part.examples[r] for part, r in rows],
-        prompt_lengths=torch.stack([part.prompt_lengths[r] for part, r in rows]),
-        tokens=torch.stack([pad(part.tokens[r], 0) for part, r in rows]),
-        mask=torch.stack([pad(part.mask[r], False) for part, r in rows]),
-        logprobs=torch.stack([pad(part.logprobs[r], 0.0) for part, r in rows]),
-        texts=[part.texts[r] for part, r in rows],
-        scores=torch.stack([part.scores[r] for part, r in rows]),
+        samples=[parts[p].samples[q] for p, q in keep], group_size=G,
+        prompt_ids=[parts[p].prompt_ids[q] for p, q in keep], pixel_values=[parts[p].pixel_values[q] for p, q in keep],
+        image_grid_hws=[parts[p].image_grid_hws[q] for p, q in keep],
+        tokens=stack("tokens", 0), mask=stack("mask", False), logprobs=stack("logprobs", 0.0),
+        texts=[part.texts[r] for part, r in rows], scores=torch.stack([part.scores[r] for part, r in rows]),
         truncated=torch.stack([part.truncated[r] for part, r in rows]))
 
 
@@ -404,7 +409,7 @@ def collect(model, processor, samples: Sequence[Sample], reward: Reward, config:
     info = {"prompts_drawn": drawn, "groups_kept": len(keep)} if config.dynamic_sampling else {}
     if not keep:
         return parts[0], {**info, "empty": True}
-    return (parts[0] if len(parts) == 1 and len(keep) == len(parts[0].samples) else concat_rollouts(parts, keep, G),
+    return (parts[0] if len(parts) == 1 and len(keep) == len(parts[0].samples) else concat_rollouts(parts, keep),
             info)
 
 
@@ -415,42 +420,62 @@ def shaped_rewards(ro: Rollouts, config: RLConfig) -> torch.Tensor:
 
 
 # ---- the policy's numbers -------------------------------------------------------------------------------------------
-def response_forward(model, batch: dict, starts: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                     value_head: ValueHead | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities [n, L] of the response tokens (and values [n, L] of the states they are chosen in) from
-    one forward of prompt + response; the head runs on response positions only."""
-    lm = model.language_model
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    # A sampled <|media_pad|> is a plain token (cached decoding embeds it so), not an image slot.
-    sampled_media = (torch.arange(ids.shape[1], device=ids.device) > starts[:, None]) & (
-        ids == model.config.media_placeholder_token_id)
-    embeds = model.embed(ids.masked_fill(sampled_media, 0), batch.get("pixel_values"), batch.get("image_grid_hws"))
-    if bool(sampled_media.any()):
-        embeds = torch.where(sampled_media[..., None], lm.model.embed_tokens(ids).to(embeds.dtype), embeds)
-    hidden = lm.hidden_states(embeds, default_position_ids(ids, mask), mask)  # [n, T, H]
-    positions = (starts[:, None] + torch.arange(tokens.shape[1], device=ids.device)).clamp(max=ids.shape[1] - 1)
-    h = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # [n, L, H]
-    logprobs = token_logprobs(lm.lm_head(h).float(), tokens, temperature)
-    return logprobs, (value_head(h).float() if value_head is not None else None)
+@dataclass
+class MicroBatch:
+    rows: slice
+    input_ids: torch.Tensor  # [n, T] prompt + response, right-padded
+    attention_mask: torch.Tensor
+    starts: torch.Tensor  # [n] index of each row's last prompt token (its first response token is predicted there)
+    tokens: torch.Tensor  # [n, L] the response tokens
+    prompts: list[int]  # the distinct prompts of these rows
 
 
-def batches(ro: Rollouts, size: int, pad_id: int, device) -> list[tuple[slice, dict, torch.Tensor, torch.Tensor]]:
-    """(rows, collated batch, starts, response tokens) per micro-batch."""
+def batches(ro: Rollouts, size: int, pad_id: int, device) -> list[MicroBatch]:
+    """The rollouts' rows in micro-batches of `size`, each prompt + response right-padded."""
     out = []
-    for b in range(0, len(ro.examples), size):
-        rows = slice(b, b + size)
-        batch = {k: v.to(device) for k, v in collate(ro.examples[rows], pad_id).items() if k != "labels"}
-        out.append((rows, batch, (ro.prompt_lengths[rows] - 1).to(device), ro.tokens[rows].to(device)))
+    G = ro.group_size
+    for b in range(0, len(ro.tokens), size):
+        rows = range(b, min(b + size, len(ro.tokens)))
+        seqs = [torch.cat([ro.prompt_ids[r // G], ro.tokens[r, :int(ro.lengths[r])]]) for r in rows]
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, x in enumerate(seqs):
+            ids[i, :len(x)], mask[i, :len(x)] = x, 1
+        starts = torch.tensor([len(ro.prompt_ids[r // G]) - 1 for r in rows])
+        out.append(MicroBatch(slice(b, b + len(seqs)), ids.to(device), mask.to(device), starts.to(device),
+                              ro.tokens[b:b + len(seqs)].to(device), sorted({r // G for r in rows})))
     return out
 
 
+def response_forward(model, ro: Rollouts, mb: MicroBatch, temperature: float, value_head: ValueHead | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities [n, L] of the response tokens (and values [n, L] of the states they are chosen in) from
+    one forward of prompt + response; the vision tower runs once per distinct prompt, the head on response
+    positions only."""
+    lm = model.language_model
+    ids, mask = mb.input_ids, mb.attention_mask
+    feats = image_features(model, ro, mb.prompts, list(range(mb.rows.start, mb.rows.stop)))
+    # A sampled <|media_pad|> is a plain token (cached decoding embeds it so), not an image slot.
+    sampled_media = (torch.arange(ids.shape[1], device=ids.device) > mb.starts[:, None]) & (
+        ids == model.config.media_placeholder_token_id)
+    embeds = model.embed(ids.masked_fill(sampled_media, 0), image_features=feats)
+    if bool(sampled_media.any()):
+        embeds = torch.where(sampled_media[..., None], lm.model.embed_tokens(ids).to(embeds.dtype), embeds)
+    hidden = lm.hidden_states(embeds, default_position_ids(ids, mask), mask)  # [n, T, H]
+    positions = (mb.starts[:, None] + torch.arange(mb.tokens.shape[1], device=ids.device)).clamp(max=ids.shape[1] - 1)
+    h = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # [n, L, H]
+    logprobs = token_logprobs(lm.lm_head(h).float(), mb.tokens, temperature)
+    return logprobs, (value_head(h).float() if value_head is not None else None)
+
+
 @torch.no_grad()
-def score_tokens(model, micro: list, temperature: float, value_head: ValueHead | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def score_tokens(model, ro: Rollouts, micro: list[MicroBatch], temperature: float,
+                 value_head: ValueHead | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities (and values) of every response token, without gradients."""
     lps, vals = [], []
-    for _, batch, starts, tokens in micro:
-        lp, v = response_forward(model, batch, starts, tokens, temperature, value_head)
+    for mb in micro:
+        lp, v = response_forward(model, ro, mb, temperature, value_head)
         lps.append(lp.cpu())
         vals.append(v.cpu() if v is not None else None)
     return torch.cat(lps), (torch.cat(vals) if value_head is not None else None)
@@ -572,16 +597,16 @@ def _optimize(model, ro: Rollouts, config: RLConfig, reference, value_head: Valu
     """Advantages for the rollouts, then `epochs` optimizer steps over them; -> the step's statistics."""
     micro = batches(ro, micro_size, pad_id, model.device)
     mask = ro.mask
-    old_logp, old_values = score_tokens(model, micro, config.temperature, value_head)  # pi_old, in training mode
+    old_logp, old_values = score_tokens(model, ro, micro, config.temperature, value_head)  # pi_old, in training mode
     old_logp = torch.where(mask, old_logp, 0.0)
     stats = {"logprob_gap": float((old_logp - ro.logprobs).abs()[mask].max())}  # cached decoding vs training mode
     ref_logp = None
     if config.kl_coef > 0:
         if reference is not None:
-            ref_logp, _ = score_tokens(reference, micro, config.temperature)
+            ref_logp, _ = score_tokens(reference, ro, micro, config.temperature)
         else:
             with adapters_off(model):
-                ref_logp, _ = score_tokens(model, micro, config.temperature)
+                ref_logp, _ = score_tokens(model, ro, micro, config.temperature)
         ref_logp = torch.where(mask, ref_logp, 0.0)
         stats["kl"] = float(kl_estimate(old_logp, ref_logp)[mask].mean())
 
@@ -609,8 +634,9 @@ def _optimize(model, ro: Rollouts, config: RLConfig, reference, value_head: Valu
     totals = {"loss": 0.0, "clip_frac": 0.0, "value_loss": 0.0, "value_clip_frac": 0.0, "grad_norm": 0.0}
     n_tokens = float(mask.sum())
     for _ in range(config.epochs):
-        for rows, batch, starts, tokens in micro:
-            logp, values = response_forward(model, batch, starts, tokens, config.temperature, value_head)
+        for mb in micro:
+            rows = mb.rows
+            logp, values = response_forward(model, ro, mb, config.temperature, value_head)
             dev = logp.device
             m, w = mask[rows].to(dev), weights[rows].to(dev)
             kl_ref = ref_logp[rows].to(dev) if ref_logp is not None and not isinstance(config, PPOConfig) else None

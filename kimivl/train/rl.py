@@ -549,7 +549,7 @@ def train(model: nn.Module, processor: KimiVLProcessor, samples: Sequence[Sample
             t0 = time.perf_counter()
             model.eval()
             ro, info = collect(model, processor, samples, reward_fn, config, step)
-            record = {"step": step + 1, "reward": float(ro.scores.mean()), "reward_std": float(ro.scores.std())
+            record = {"step": step + 1, "rollout_seconds": time.perf_counter() - t0, "reward": float(ro.scores.mean()), "reward_std": float(ro.scores.std())
                       if len(ro.scores) > 1 else 0.0, "response_len": float(ro.lengths.float().mean()),
                       "truncated": float(ro.truncated.float().mean()), **info}
             model.train()

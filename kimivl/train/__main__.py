@@ -1,4 +1,4 @@
-"""`python -m kimivl.train sft ...` (the form torchrun runs): the same as `kimivl train sft ...`."""
+"""`python -m kimivl.train sft|grpo|dapo|ppo ...` (the form torchrun runs): the same as `kimivl train ...`."""
 
 import sys
 

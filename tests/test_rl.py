@@ -40,7 +40,7 @@ def digits(sample: Sample, completion: str) -> float:
 # ---- formulas -------------------------------------------------------------------------------------------------------
 def test_group_advantages_by_hand():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 3.0]])
-    adv = rl.group_advantages(rewards, eps=0.0 + 1e-6)
+    adv = rl.group_advantages(rewards, eps=1e-6)
     # group 1: mean 0.5, sample std sqrt(1/3); group 3: mean 0.75, sample std sqrt(6.75 / 3) = 1.5
     s = math.sqrt(1 / 3)
     expected = torch.tensor([[0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s], [0.0] * 4, [-0.5, -0.5, -0.5, 1.5]])
@@ -91,7 +91,7 @@ def test_clipped_surrogate_gradient(ratio, advantage, eps_high, zero):
     loss.sum().backward()
     # d/dlogp of -ratio * A is -ratio * A where the unclipped term is the minimum
     assert float(logp.grad) == (0.0 if zero else pytest.approx(-ratio * advantage, rel=1e-12))
-    assert bool(clipped) == (not 1 - 0.2 <= ratio <= 1 + eps_high)
+    assert bool(clipped) == zero  # the clip fraction counts exactly the tokens the clip silenced
 
 
 def test_kl_estimator_is_nonnegative_zero_at_equality_and_unbiased():
@@ -99,6 +99,7 @@ def test_kl_estimator_is_nonnegative_zero_at_equality_and_unbiased():
     a, b = torch.randn(1000, generator=gen, dtype=torch.float64), torch.randn(1000, generator=gen, dtype=torch.float64)
     assert bool((rl.kl_estimate(a, b) >= 0).all())
     assert torch.equal(rl.kl_estimate(a, a), torch.zeros_like(a))
+    assert math.isfinite(float(rl.kl_estimate(torch.tensor(-500.0), torch.tensor(0.0))))  # no overflow
     # its expectation under pi is KL(pi || pi_ref), exactly, on a discrete distribution
     logp = torch.log_softmax(torch.randn(7, generator=gen, dtype=torch.float64), 0)
     ref = torch.log_softmax(torch.randn(7, generator=gen, dtype=torch.float64), 0)
@@ -140,6 +141,17 @@ def test_value_loss_clipping_by_hand():
     loss.sum().backward()
     torch.testing.assert_close(values.grad, torch.tensor([0.0, -0.9, -1.5]))
     assert clipped.tolist() == [True, False, False]
+
+
+def test_ppo_token_rewards_by_hand():
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, 0.0, 0.0]])
+    rewards = rl.ppo_token_rewards(torch.tensor([1.0, -2.0]), mask, logp, ref, kl_coef=0.1)
+    # -0.1 * (logp - ref) at every token, the sequence reward added at its last token
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1, 1.0], [-2.0 + 0.1, 0.0, 0.0]]))
+    torch.testing.assert_close(rl.ppo_token_rewards(torch.tensor([1.0, -2.0]), mask),
+                               torch.tensor([[0.0, 0.0, 1.0], [-2.0, 0.0, 0.0]]))
 
 
 def test_dynamic_sampling_and_overlong_shaping_by_hand():
@@ -208,9 +220,9 @@ def test_rollout_logprobs_equal_the_training_forward(tiny):
     torch.testing.assert_close(again[ro.mask], ro.logprobs[ro.mask], rtol=0, atol=1e-5)
     for r in (0, 4, 8):  # and those of the plain model forward on each row's own prompt + response and images
         n, p = int(ro.lengths[r]), r // 3
-        ids = torch.cat([ro.prompt_ids[p], ro.tokens[r, :n]])[None]
+        ids = torch.cat([ro.prompts.ids[p], ro.tokens[r, :n]])[None]
         with torch.no_grad():
-            logits = model(ids, ro.pixel_values[p], ro.image_grid_hws[p]).logits[0, len(ro.prompt_ids[p]) - 1:-1]
+            logits = model(ids, ro.prompts.pixel_values[p], ro.prompts.image_grid_hws[p]).logits[0, len(ro.prompts.ids[p]) - 1:-1]
         plain = torch.log_softmax(logits / config.temperature, -1).gather(-1, ro.tokens[r, :n, None])[:, 0]
         torch.testing.assert_close(again[r, :n], plain, rtol=0, atol=1e-5)
     for r in range(9):  # texts are the responses without their stop token; scores are the reward of each text
@@ -254,6 +266,16 @@ def test_lora_reference_is_the_base_model(tiny):
     torch.testing.assert_close(reference[m], plain[m], rtol=0, atol=1e-6)
     assert float((adapted - plain)[m].abs().max()) > 1e-3
     assert torch.equal(after, adapted)  # switched back on
+    # which adapters train is as before (peft's switch back on would make all of them trainable)
+    frozen = [p for n, p in model.named_parameters() if "lora_" in n and "q_proj" in n]
+    for p in frozen:
+        p.requires_grad_(False)
+    with rl.adapters_off(model):
+        pass
+    assert not any(p.requires_grad for p in frozen)
+    with pytest.raises(InputError, match="has none"):
+        with rl.adapters_off(base):
+            pass
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
@@ -295,10 +317,12 @@ def test_dynamic_sampling_drops_uniform_groups_and_refills(tiny):
         return 1.0 if sample.index in flat else digits(sample, completion)
     config = DAPOConfig(out="x", prompts_per_step=3, group_size=3, max_new_tokens=5, overlong_buffer=0)
     ro, info = rl.collect(model, processor, samples, reward, config, step=0)
-    assert len(ro.samples) == 3 and info["groups_kept"] == 3 and info["prompts_drawn"] > 3
-    assert not {s.index for s in ro.samples} & flat
+    assert len(ro.prompts.samples) == 3 and info["groups_kept"] == 3 and info["prompts_drawn"] > 3
+    assert not {s.index for s in ro.prompts.samples} & flat
     assert not rl.uniform_groups(ro.scores.view(3, 3)).any()
-    assert len(ro.prompt_ids) == 3 and ro.tokens.shape[0] == 9
+    assert len(ro.prompts.ids) == 3 and ro.tokens.shape[0] == 9
+    # the reward reported is that of every response generated, the dropped groups' (all 1) included
+    assert info["reward"] > info["reward_kept"] == pytest.approx(float(ro.scores.mean()))
     nothing, info = rl.collect(model, processor, samples, lambda s, c: 0.0, config, step=0)
     assert info["empty"] and info["prompts_drawn"] == 3 * config.max_sampling_rounds
 
@@ -351,6 +375,13 @@ def test_resume_continues_exactly(tiny, tmp_path, cls, mode, monkeypatch):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     with pytest.raises(InputError, match="reward"):  # another reward is another run
         train_rl(load(path), processor, samples, "exact", cls(out=str(tmp_path / "b"), resume=True, **settings))
+
+
+def test_a_reward_that_is_not_a_number_is_refused(tiny):
+    path, processor = tiny
+    with pytest.raises(InputError, match="is nan: rewards must be finite"):
+        rl.rollout(load(path), processor, make_synthetic(1, split="train"), lambda s, c: float("nan"),
+                   GRPOConfig(out="x", group_size=2, max_new_tokens=2), seed=0)
 
 
 def test_config_problems_are_reported():

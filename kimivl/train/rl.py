@@ -5,7 +5,7 @@ responses to each in one batched generation with the latent cache, recording eac
 reward scores every response; the log-probabilities are recomputed under the policy in training mode (pi_old) and,
 when a KL term is used, under the frozen reference (the base weights with LoRA switched off when training LoRA,
 else a frozen copy of the starting model). Then `epochs` optimizer steps run over these rollouts: the first is
-on-policy (ratio 1), later ones are clipped.
+on-policy (ratio 1, unless dropout is on), so the clip acts from the second.
 
   GRPO  (DeepSeekMath) advantage (R_i - mean R) / (std R + eps) of the group, on every token of response i; clipped
         surrogate; KL to the reference with the estimator ratio - log ratio - 1 (ratio = pi_ref / pi), weight
@@ -36,12 +36,13 @@ from pathlib import Path
 from typing import ClassVar, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from ..errors import InputError
 from ..eval.data import Sample, sample_turn
-from ..generation import GenerationConfig, generate_tokens, token_logprobs
+from ..generation import GenerationConfig, generate_tokens
 from ..model import default_position_ids
 from ..processing import KimiVLProcessor
 from . import parallel
@@ -183,19 +184,21 @@ def overlong_shaping(lengths: torch.Tensor, max_len: int, buffer: int) -> torch.
     return -over.clamp(0, 1)
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """The unbiased, non-negative KL(pi || pi_ref) estimator GRPO uses, per token: r - log r - 1, r = pi_ref / pi."""
-    log_ratio = ref_logp - logp
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: float = 20.0) -> torch.Tensor:
+    """The unbiased, non-negative KL(pi || pi_ref) estimator GRPO uses, per token: r - log r - 1, r = pi_ref / pi.
+    The log ratio is clamped to +-max_log_ratio, so one token the policy has all but ruled out cannot overflow."""
+    log_ratio = (ref_logp - logp).clamp(-max_log_ratio, max_log_ratio)
     return log_ratio.exp() - log_ratio - 1
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float,
                       eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped objective as a per-token loss: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) with
-    r = pi / pi_old; and where the ratio lies outside the clip range."""
+    r = pi / pi_old; and where the clip takes effect (the ratio is past the bound on the side its advantage pushes
+    it to: those tokens get no gradient)."""
     ratio = (logp - old_logp).exp()
     loss = -torch.min(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
-    return loss, (ratio < 1 - eps_low) | (ratio > 1 + eps_high)
+    return loss, ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
@@ -234,6 +237,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         running = (delta + gamma * lam * running) * mask[:, t]
         advantages[:, t] = running
     return advantages, (advantages + values) * mask
+
+
+def ppo_token_rewards(rewards: torch.Tensor, mask: torch.Tensor, logp: torch.Tensor | None = None,
+                      ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0) -> torch.Tensor:
+    """PPO's per-token rewards [N, L]: -kl_coef (log pi - log pi_ref) at every response token (when a reference is
+    given), plus the sequence's reward [N] at its last token; zero off the mask (a prefix per row)."""
+    token_rewards = torch.zeros(mask.shape, dtype=rewards.dtype)
+    if ref_logp is not None and kl_coef:
+        token_rewards = -kl_coef * (logp - ref_logp) * mask
+    last = mask.sum(-1) - 1
+    token_rewards[torch.arange(len(rewards)), last] += rewards
+    return token_rewards
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float
@@ -290,16 +305,44 @@ class ValueHead(nn.Module):
 
 # ---- rollouts -------------------------------------------------------------------------------------------------------
 @dataclass
-class Rollouts:
-    """Responses to prompts, group-major (row r answers prompt r // group_size), right-padded to L tokens. A response
-    ends with its stop token when it stopped, so the choice to stop is trained too. Each prompt's images are kept
-    once: their features are computed once per prompt and shared by its group's rows."""
+class Prompts:
+    """Encoded prompts and their images, each kept once for the `group_size` responses to it (row r answers prompt
+    r // group_size): the vision tower runs once per prompt, its features shared by the group's rows."""
 
     samples: list[Sample]  # [P]
     group_size: int
-    prompt_ids: list[torch.Tensor]  # [P] token ids of each prompt, image slots expanded
-    pixel_values: list[torch.Tensor | None]  # [P] each prompt's patches (None: no image)
+    ids: list[torch.Tensor]  # [P] token ids, image slots expanded
+    pixel_values: list[torch.Tensor | None]  # [P] patches (None: no image)
     image_grid_hws: list[torch.Tensor | None]  # [P]
+
+    @classmethod
+    def encode(cls, processor: KimiVLProcessor, samples: list[Sample], group_size: int) -> "Prompts":
+        encoded = [processor([sample_turn(s)]) for s in samples]
+        return cls(samples, group_size, [e["input_ids"][0] for e in encoded], [e.get("pixel_values") for e in encoded],
+                   [e.get("image_grid_hws") for e in encoded])
+
+    def select(self, keep: list[int]) -> "Prompts":
+        return Prompts([self.samples[p] for p in keep], self.group_size, [self.ids[p] for p in keep],
+                       [self.pixel_values[p] for p in keep], [self.image_grid_hws[p] for p in keep])
+
+    def features(self, model, rows: Sequence[int]) -> torch.Tensor | None:
+        """The image features of `rows`, in order, from one vision pass over their distinct prompts."""
+        prompts = sorted({r // self.group_size for r in rows if self.pixel_values[r // self.group_size] is not None})
+        if not prompts:
+            return None
+        media = model.config.media_placeholder_token_id
+        feats = model.image_features(torch.cat([self.pixel_values[p] for p in prompts]).to(model.device, model.dtype),
+                                     torch.cat([self.image_grid_hws[p] for p in prompts]).to(model.device))
+        per_prompt = dict(zip(prompts, feats.split([int((self.ids[p] == media).sum()) for p in prompts])))
+        return torch.cat([per_prompt[r // self.group_size] for r in rows if r // self.group_size in per_prompt])
+
+
+@dataclass
+class Rollouts:
+    """Responses to prompts, group-major, right-padded to L tokens. A response ends with its stop token when it
+    stopped, so the choice to stop is trained too."""
+
+    prompts: Prompts
     tokens: torch.Tensor  # [N, L] response ids (pad past the end)
     mask: torch.Tensor  # [N, L] bool: real response tokens
     logprobs: torch.Tensor  # [N, L] as sampled (cached decoding)
@@ -312,35 +355,19 @@ class Rollouts:
         return self.mask.sum(-1)
 
 
-def image_features(model, ro: Rollouts, prompts: list[int], rows: list[int]) -> torch.Tensor | None:
-    """The image features of `rows` (each its prompt's), from one vision pass over the distinct `prompts`."""
-    with_images = [p for p in prompts if ro.pixel_values[p] is not None]
-    if not with_images:
-        return None
-    media = model.config.media_placeholder_token_id
-    feats = model.image_features(torch.cat([ro.pixel_values[p] for p in with_images]).to(model.device, model.dtype),
-                                 torch.cat([ro.image_grid_hws[p] for p in with_images]).to(model.device))
-    per_prompt = dict(zip(with_images, feats.split([int((ro.prompt_ids[p] == media).sum()) for p in with_images])))
-    G = ro.group_size
-    return torch.cat([per_prompt[r // G] for r in rows if r // G in per_prompt])
-
-
 @torch.no_grad()
 def rollout(model, processor: KimiVLProcessor, samples: list[Sample], reward: Reward, config: RLConfig, seed: int
             ) -> Rollouts:
     """Sample `group_size` responses to each sample's prompt in one batched generation and score them."""
     tok = processor.tokenizer
     G = config.group_size
-    encoded = [processor([sample_turn(s)]) for s in samples]
-    ro = Rollouts(samples, G, [e["input_ids"][0] for e in encoded], [e.get("pixel_values") for e in encoded],
-                  [e.get("image_grid_hws") for e in encoded], torch.zeros(0), torch.zeros(0), torch.zeros(0), [],
-                  torch.zeros(0), torch.zeros(0))
-    rows = list(range(len(samples) * G))
-    width = max(len(ids) for ids in ro.prompt_ids)
+    prompts = Prompts.encode(processor, samples, G)
+    rows = range(len(samples) * G)
+    width = max(len(ids) for ids in prompts.ids)
     input_ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r in rows:  # left-padded: generation continues every row at the last column
-        ids = ro.prompt_ids[r // G]
+        ids = prompts.ids[r // G]
         input_ids[r, width - len(ids):], attention_mask[r, width - len(ids):] = ids, 1
     stop_ids = sorted(set(tok.stop_ids) | set(model.config.text_config.eos_token_ids))
     gen = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -348,69 +375,78 @@ def rollout(model, processor: KimiVLProcessor, samples: list[Sample], reward: Re
     logprobs: list[torch.Tensor] = []
     steps = generate_tokens(model, input_ids.to(model.device), attention_mask.to(model.device), config=gen,
                             stop_ids=stop_ids, pad_id=tok.pad_id, logprobs=logprobs,
-                            image_features=image_features(model, ro, list(range(len(samples))), rows))
+                            image_features=prompts.features(model, rows))
     tokens = torch.stack(list(steps), dim=1).cpu()  # [N, n]
     is_stop = torch.isin(tokens, torch.tensor(stop_ids))
     stopped = is_stop.any(-1)
     lengths = torch.where(stopped, is_stop.int().argmax(-1) + 1, tokens.shape[1])
-    L = int(lengths.max())
-    ro.mask = torch.arange(L)[None] < lengths[:, None]
-    ro.tokens = torch.where(ro.mask, tokens[:, :L], tok.pad_id)
-    ro.logprobs = torch.where(ro.mask, torch.stack(logprobs, dim=1).float().cpu()[:, :L], 0.0)
-    ro.truncated = ~stopped
-    ro.texts = [processor.decode(ro.tokens[r, :lengths[r] - int(stopped[r])]) for r in rows]
-    ro.scores = torch.tensor([float(reward(samples[r // G], t)) for r, t in zip(rows, ro.texts)])
-    return ro
+    mask = torch.arange(int(lengths.max()))[None] < lengths[:, None]
+    tokens = torch.where(mask, tokens[:, :mask.shape[1]], tok.pad_id)
+    texts = [processor.decode(tokens[r, :lengths[r] - int(stopped[r])]) for r in rows]
+    scores = torch.tensor([float(reward(samples[r // G], t)) for r, t in zip(rows, texts)])
+    if not bool(scores.isfinite().all()):
+        r = int((~scores.isfinite()).nonzero()[0])
+        raise InputError(f"the reward of a response to sample {samples[r // G].index} is {float(scores[r])}: "
+                         "rewards must be finite numbers")
+    return Rollouts(prompts, tokens, mask, torch.where(mask, torch.stack(logprobs, 1).float().cpu()[:, :mask.shape[1]],
+                                                       0.0), texts, scores, ~stopped)
 
 
-def concat_rollouts(parts: list[Rollouts], keep: list[tuple[int, int]]) -> Rollouts:
+def concat_rollouts(parts: list[Rollouts], keep: list[tuple[int, int]], pad_id: int) -> Rollouts:
     """The groups `keep` ((part, prompt) pairs) of several rollouts as one, re-padded to their longest response."""
-    G = parts[0].group_size
+    G = parts[0].prompts.group_size
     rows = [(parts[p], q * G + g) for p, q in keep for g in range(G)]
     L = max(int(part.lengths[r]) for part, r in rows)
 
     def stack(name: str, value) -> torch.Tensor:
         return torch.stack([torch.nn.functional.pad(getattr(part, name)[r], (0, L - getattr(part, name).shape[1]),
                                                     value=value) for part, r in rows])
-    return Rollouts(
-        samples=[parts[p].samples[q] for p, q in keep], group_size=G,
-        prompt_ids=[parts[p].prompt_ids[q] for p, q in keep], pixel_values=[parts[p].pixel_values[q] for p, q in keep],
-        image_grid_hws=[parts[p].image_grid_hws[q] for p, q in keep],
-        tokens=stack("tokens", 0), mask=stack("mask", False), logprobs=stack("logprobs", 0.0),
-        texts=[part.texts[r] for part, r in rows], scores=torch.stack([part.scores[r] for part, r in rows]),
-        truncated=torch.stack([part.truncated[r] for part, r in rows]))
+    prompts = Prompts([], G, [], [], [])
+    for p, q in keep:
+        one = parts[p].prompts.select([q])
+        prompts.samples += one.samples
+        prompts.ids += one.ids
+        prompts.pixel_values += one.pixel_values
+        prompts.image_grid_hws += one.image_grid_hws
+    return Rollouts(prompts, stack("tokens", pad_id), stack("mask", False), stack("logprobs", 0.0),
+                    [part.texts[r] for part, r in rows], torch.stack([part.scores[r] for part, r in rows]),
+                    torch.stack([part.truncated[r] for part, r in rows]))
 
 
 def collect(model, processor, samples: Sequence[Sample], reward: Reward, config: RLConfig, step: int
             ) -> tuple[Rollouts, dict]:
-    """The step's rollouts and their final rewards (task reward + overlong shaping). With dynamic sampling, groups of
-    equal rewards are dropped and new prompts drawn (up to max_sampling_rounds generations) until prompts_per_step
-    groups are kept; the step trains on what it has then."""
+    """The step's rollouts, and statistics over every response generated for it. With dynamic sampling, groups whose
+    task rewards are all equal are dropped (the DAPO paper's filter, on accuracy rather than on shaped rewards) and
+    new prompts drawn, up to max_sampling_rounds generations, until prompts_per_step groups are kept; the step
+    trains on what it has then. Refill draws are uniform and may repeat a prompt of the step."""
     P, G = config.prompts_per_step, config.group_size
     parts: list[Rollouts] = []
     keep: list[tuple[int, int]] = []
-    drawn = 0
     for round_ in range(config.max_sampling_rounds if config.dynamic_sampling else 1):
         if round_ == 0:
             chosen = step_indices(step, len(samples), P, config.seed)
         else:  # refills: a draw seeded by (seed, step, round), so a resumed run draws the same
             chosen = random.Random(f"{config.seed}:{step}:{round_}").sample(range(len(samples)),
                                                                              min(P, len(samples)))
-        part = rollout(model, processor, [samples[i] for i in chosen], reward, config,
-                       seed=(config.seed * 1_000_003 + step) * 31 + round_)
-        drawn += len(chosen)
-        parts.append(part)
-        rewards = shaped_rewards(part, config).view(-1, G)
-        flat = uniform_groups(rewards) if config.dynamic_sampling else torch.zeros(len(chosen), dtype=torch.bool)
+        parts.append(rollout(model, processor, [samples[i] for i in chosen], reward, config,
+                             seed=(config.seed * 1_000_003 + step) * 31 + round_))
+        flat = uniform_groups(parts[-1].scores.view(-1, G)) if config.dynamic_sampling else [False] * len(chosen)
         keep += [(len(parts) - 1, q) for q in range(len(chosen)) if not flat[q]]
         if len(keep) >= P:
             break
     keep = keep[:P]
-    info = {"prompts_drawn": drawn, "groups_kept": len(keep)} if config.dynamic_sampling else {}
+    scores = torch.cat([p.scores for p in parts])
+    info = {"reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+            "response_len": float(torch.cat([p.lengths for p in parts]).float().mean()),
+            "truncated": float(torch.cat([p.truncated for p in parts]).float().mean())}
+    if config.dynamic_sampling:
+        info.update(prompts_drawn=len(parts) * P, groups_kept=len(keep))
     if not keep:
         return parts[0], {**info, "empty": True}
-    return (parts[0] if len(parts) == 1 and len(keep) == len(parts[0].samples) else concat_rollouts(parts, keep),
-            info)
+    if len(parts) == 1 and len(keep) == len(parts[0].prompts.samples):
+        return parts[0], info
+    ro = concat_rollouts(parts, keep, processor.tokenizer.pad_id)
+    return ro, {**info, "reward_kept": float(ro.scores.mean())}
 
 
 def shaped_rewards(ro: Rollouts, config: RLConfig) -> torch.Tensor:
@@ -426,67 +462,86 @@ class MicroBatch:
     input_ids: torch.Tensor  # [n, T] prompt + response, right-padded
     attention_mask: torch.Tensor
     starts: torch.Tensor  # [n] index of each row's last prompt token (its first response token is predicted there)
-    tokens: torch.Tensor  # [n, L] the response tokens
-    prompts: list[int]  # the distinct prompts of these rows
+    tokens: torch.Tensor  # [n, l] the response tokens, l: the longest response of these rows
+    mask: torch.Tensor  # [n, l] bool
+
+    @property
+    def width(self) -> int:
+        return self.tokens.shape[1]
 
 
 def batches(ro: Rollouts, size: int, pad_id: int, device) -> list[MicroBatch]:
     """The rollouts' rows in micro-batches of `size`, each prompt + response right-padded."""
     out = []
-    G = ro.group_size
+    G = ro.prompts.group_size
     for b in range(0, len(ro.tokens), size):
         rows = range(b, min(b + size, len(ro.tokens)))
-        seqs = [torch.cat([ro.prompt_ids[r // G], ro.tokens[r, :int(ro.lengths[r])]]) for r in rows]
+        seqs = [torch.cat([ro.prompts.ids[r // G], ro.tokens[r, :int(ro.lengths[r])]]) for r in rows]
         width = max(len(x) for x in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, x in enumerate(seqs):
             ids[i, :len(x)], mask[i, :len(x)] = x, 1
-        starts = torch.tensor([len(ro.prompt_ids[r // G]) - 1 for r in rows])
+        starts = torch.tensor([len(ro.prompts.ids[r // G]) - 1 for r in rows])
+        longest = int(ro.lengths[b:b + len(seqs)].max())
         out.append(MicroBatch(slice(b, b + len(seqs)), ids.to(device), mask.to(device), starts.to(device),
-                              ro.tokens[b:b + len(seqs)].to(device), sorted({r // G for r in rows})))
+                              ro.tokens[b:b + len(seqs), :longest].to(device),
+                              ro.mask[b:b + len(seqs), :longest].to(device)))
     return out
 
 
 def response_forward(model, ro: Rollouts, mb: MicroBatch, temperature: float, value_head: ValueHead | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities [n, L] of the response tokens (and values [n, L] of the states they are chosen in) from
-    one forward of prompt + response; the vision tower runs once per distinct prompt, the head on response
-    positions only."""
+    """Log-probabilities [n, l] of the response tokens (and values [n, l] of the states they are chosen in; zero
+    past each response) from one forward of prompt + response. The vision tower runs once per distinct prompt; the
+    vocabulary head only on real response positions."""
     lm = model.language_model
     ids, mask = mb.input_ids, mb.attention_mask
-    feats = image_features(model, ro, mb.prompts, list(range(mb.rows.start, mb.rows.stop)))
     # A sampled <|media_pad|> is a plain token (cached decoding embeds it so), not an image slot.
     sampled_media = (torch.arange(ids.shape[1], device=ids.device) > mb.starts[:, None]) & (
         ids == model.config.media_placeholder_token_id)
-    embeds = model.embed(ids.masked_fill(sampled_media, 0), image_features=feats)
+    embeds = model.embed(ids.masked_fill(sampled_media, 0),
+                         image_features=ro.prompts.features(model, range(mb.rows.start, mb.rows.stop)))
     if bool(sampled_media.any()):
         embeds = torch.where(sampled_media[..., None], lm.model.embed_tokens(ids).to(embeds.dtype), embeds)
     hidden = lm.hidden_states(embeds, default_position_ids(ids, mask), mask)  # [n, T, H]
-    positions = (mb.starts[:, None] + torch.arange(mb.tokens.shape[1], device=ids.device)).clamp(max=ids.shape[1] - 1)
-    h = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # [n, L, H]
-    logprobs = token_logprobs(lm.lm_head(h).float(), mb.tokens, temperature)
-    return logprobs, (value_head(h).float() if value_head is not None else None)
+    positions = mb.starts[:, None] + torch.arange(mb.width, device=ids.device)  # [n, l]
+    h = hidden[torch.arange(len(ids), device=ids.device)[:, None], positions.clamp(max=ids.shape[1] - 1)][mb.mask]
+    logits = lm.lm_head(h).float() / temperature  # [k, V], real response tokens only
+    logprobs = torch.zeros(mb.mask.shape, device=ids.device).masked_scatter(
+        mb.mask, -F.cross_entropy(logits, mb.tokens[mb.mask], reduction="none"))
+    if value_head is None:
+        return logprobs, None
+    with torch.autocast(ids.device.type, enabled=False):  # the critic stays in float32
+        values = value_head(h.float())
+    return logprobs, torch.zeros(mb.mask.shape, device=ids.device).masked_scatter(mb.mask, values)
 
 
 @torch.no_grad()
 def score_tokens(model, ro: Rollouts, micro: list[MicroBatch], temperature: float,
                  value_head: ValueHead | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities (and values) of every response token, without gradients."""
+    """Log-probabilities (and values) [N, L] of every response token, without gradients; zero past the ends."""
+    def full(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t.float().cpu(), (0, ro.tokens.shape[1] - t.shape[1]))
     lps, vals = [], []
     for mb in micro:
         lp, v = response_forward(model, ro, mb, temperature, value_head)
-        lps.append(lp.cpu())
-        vals.append(v.cpu() if v is not None else None)
+        lps.append(full(lp))
+        vals.append(full(v) if v is not None else None)
     return torch.cat(lps), (torch.cat(vals) if value_head is not None else None)
 
 
 @contextlib.contextmanager
 def adapters_off(model):
-    """LoRA adapters disabled inside: the model computes with its base weights (the reference)."""
+    """LoRA adapters disabled inside: the model computes with its base weights (the reference). Which adapter
+    tensors train is left as it was (peft's switch back on would make every adapter trainable)."""
     from .lora import lora_layers
 
     layers = list(lora_layers(model).values())
+    if not layers:
+        raise InputError("the reference is the model with its LoRA adapters off, but the model has none: give a "
+                         "frozen copy of the starting model as the reference, or train LoRA")
+    trains = {p: p.requires_grad for layer in layers for p in layer.parameters()}
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -494,6 +549,8 @@ def adapters_off(model):
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+        for p, flag in trains.items():
+            p.requires_grad_(flag)
 
 
 # ---- the loop -------------------------------------------------------------------------------------------------------
@@ -508,6 +565,9 @@ def train(model: nn.Module, processor: KimiVLProcessor, samples: Sequence[Sample
     if len(samples) == 0:
         raise InputError("no prompts to train on")
     reward_fn, reward_name = get_reward(reward)
+    if config.top_k or config.top_p < 1:
+        log.warning("top_k / top_p truncate the sampling distribution, but ratios and KL use the full softmax: the "
+                    "responses are then not drawn from the policy being trained")
     out = Path(config.out)
     ckpt_root = out / "checkpoints"
     resume_from = prepare_out(out, config, {"algorithm": config.algorithm, "reward": reward_name,
@@ -521,7 +581,7 @@ def train(model: nn.Module, processor: KimiVLProcessor, samples: Sequence[Sample
     params = prepare(model, config)
     value_head = None
     if is_ppo:
-        value_head = ValueHead(model.config.text_config.hidden_size).to(model.device, model.dtype)
+        value_head = ValueHead(model.config.text_config.hidden_size).to(model.device)  # float32 whatever the model
         params = params + list(value_head.parameters())
     optimizer, scheduler = optimizer_and_schedule(params, config)
     moments = RunningMoments()
@@ -548,10 +608,9 @@ def train(model: nn.Module, processor: KimiVLProcessor, samples: Sequence[Sample
         for step in range(start, config.steps):
             t0 = time.perf_counter()
             model.eval()
-            ro, info = collect(model, processor, samples, reward_fn, config, step)
-            record = {"step": step + 1, "rollout_seconds": time.perf_counter() - t0, "reward": float(ro.scores.mean()), "reward_std": float(ro.scores.std())
-                      if len(ro.scores) > 1 else 0.0, "response_len": float(ro.lengths.float().mean()),
-                      "truncated": float(ro.truncated.float().mean()), **info}
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+                ro, info = collect(model, processor, samples, reward_fn, config, step)
+            record = {"step": step + 1, **info, "rollout_seconds": time.perf_counter() - t0}
             model.train()
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
                 if not info.get("empty"):
@@ -563,7 +622,7 @@ def train(model: nn.Module, processor: KimiVLProcessor, samples: Sequence[Sample
                 scheduler.step()
             record.update(lr=lr, seconds=time.perf_counter() - t_start, step_seconds=time.perf_counter() - t0)
             rewards_log.append(record["reward"])
-            losses.append(record.get("loss", 0.0))
+            losses.append(record.get("loss", math.nan))  # nan: every group was dropped, no update
             bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0.0):.4f}",
                             clip=f"{record.get('clip_frac', 0.0):.3f}", len=f"{record['response_len']:.1f}")
             bar.update(1)
@@ -598,7 +657,6 @@ def _optimize(model, ro: Rollouts, config: RLConfig, reference, value_head: Valu
     micro = batches(ro, micro_size, pad_id, model.device)
     mask = ro.mask
     old_logp, old_values = score_tokens(model, ro, micro, config.temperature, value_head)  # pi_old, in training mode
-    old_logp = torch.where(mask, old_logp, 0.0)
     stats = {"logprob_gap": float((old_logp - ro.logprobs).abs()[mask].max())}  # cached decoding vs training mode
     ref_logp = None
     if config.kl_coef > 0:
@@ -607,7 +665,6 @@ def _optimize(model, ro: Rollouts, config: RLConfig, reference, value_head: Valu
         else:
             with adapters_off(model):
                 ref_logp, _ = score_tokens(model, ro, micro, config.temperature)
-        ref_logp = torch.where(mask, ref_logp, 0.0)
         stats["kl"] = float(kl_estimate(old_logp, ref_logp)[mask].mean())
 
     rewards = shaped_rewards(ro, config)
@@ -617,11 +674,7 @@ def _optimize(model, ro: Rollouts, config: RLConfig, reference, value_head: Valu
             rewards = (rewards - moments.mean) / (moments.std + 1e-8)
         if config.reward_clip:
             rewards = rewards.clamp(-config.reward_clip, config.reward_clip)
-        token_rewards = torch.zeros_like(old_logp)
-        if ref_logp is not None:
-            token_rewards = -config.kl_coef * (old_logp - ref_logp) * mask
-        token_rewards[torch.arange(len(rewards)), ro.lengths - 1] += rewards
-        old_values = torch.where(mask, old_values, 0.0)
+        token_rewards = ppo_token_rewards(rewards, mask, old_logp, ref_logp, config.kl_coef)
         advantages, returns = gae(token_rewards, old_values, mask, config.gamma, config.lam)
         if config.normalize_advantages:
             advantages = whiten(advantages, mask)
@@ -635,17 +688,17 @@ def _optimize(model, ro: Rollouts, config: RLConfig, reference, value_head: Valu
     n_tokens = float(mask.sum())
     for _ in range(config.epochs):
         for mb in micro:
-            rows = mb.rows
             logp, values = response_forward(model, ro, mb, config.temperature, value_head)
-            dev = logp.device
-            m, w = mask[rows].to(dev), weights[rows].to(dev)
-            kl_ref = ref_logp[rows].to(dev) if ref_logp is not None and not isinstance(config, PPOConfig) else None
-            loss, clipped = policy_loss(logp, old_logp[rows].to(dev), advantages[rows].to(dev), w, config.clip_eps,
+
+            def part(t: torch.Tensor) -> torch.Tensor:  # this micro-batch's rows and width of a [N, L] tensor
+                return t[mb.rows, :mb.width].to(logp.device)
+            m = mb.mask
+            kl_ref = part(ref_logp) if ref_logp is not None and not isinstance(config, PPOConfig) else None
+            loss, clipped = policy_loss(logp, part(old_logp), part(advantages), part(weights), config.clip_eps,
                                         config.clip_high, kl_ref, config.kl_coef)
             if values is not None:
-                v_loss, v_clipped = clipped_value_loss(values, old_values[rows].to(dev), returns[rows].to(dev),
-                                                       config.value_clip)
-                v_loss = (v_loss * value_weights[rows].to(dev)).sum()
+                v_loss, v_clipped = clipped_value_loss(values, part(old_values), part(returns), config.value_clip)
+                v_loss = (v_loss * part(value_weights)).sum()
                 loss = loss + config.value_coef * v_loss
                 totals["value_loss"] += float(v_loss.detach()) / config.epochs
                 totals["value_clip_frac"] += float(v_clipped[m].sum()) / n_tokens / config.epochs

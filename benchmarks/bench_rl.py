@@ -11,6 +11,7 @@ randomly initialised; prompts are synthetic-suite training samples. Times are me
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -71,16 +72,17 @@ def main() -> None:
               f"{t_rows / t_shared:.2f}x |")
         ro_rows.tokens, ro_rows.mask, ro_rows.logprobs = ro.tokens, ro.mask, ro.logprobs  # the same responses
         ro_rows.scores, ro_rows.truncated = ro.scores, ro.truncated
+        reference = copy.deepcopy(model).requires_grad_(False)  # GRPO's KL term needs the starting model
         params = rl.prepare(model, config)
         optimizer, _ = rl.optimizer_and_schedule(params, config)
         model.train()
 
         def update(rollouts):
-            return lambda: rl._optimize(model, rollouts, config, None, None, rl.RunningMoments(), params, optimizer,
+            return lambda: rl._optimize(model, rollouts, config, reference, None, rl.RunningMoments(), params, optimizer,
                                         P * G, processor.tokenizer.pad_id)
         t_shared, _ = timed(update(ro), args.repeats)
         t_rows, _ = timed(update(ro_rows), args.repeats)
-        print(f"| update (pi_old forward + forward/backward) | {t_shared:.2f} | {t_rows:.2f} | "
+        print(f"| update (pi_old and reference forwards + forward/backward) | {t_shared:.2f} | {t_rows:.2f} | "
               f"{t_rows / t_shared:.2f}x |")
 
         print("\n| algorithm | s/step | of which rollout |")

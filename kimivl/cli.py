@@ -233,10 +233,10 @@ RL_HELP = {
 }
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, config_class, choices: dict[str, list[str]]) -> None:
-    """One flag per field of a trainer config dataclass (`--out` required), defaults and help from the class."""
+def _add_config_flags(parser: argparse.ArgumentParser, config_class, choices: dict[str, list[str]],
+                      helps: dict[str, str]) -> None:
+    """One flag per field of a trainer config dataclass (`--out` required), defaults from the class."""
     import dataclasses
-    helps = {**TRAIN_HELP, **RL_HELP}
     for f in dataclasses.fields(config_class):
         if f.name == "progress":
             continue
@@ -284,7 +284,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--data", required=True, help="training conversations")
     choices = {"freeze": list(PARTS), "lora_targets": list(LORA_TARGETS), "balance": list(BALANCE),
                "loss_agg": list(LOSS_AGGREGATION)}
-    _add_config_flags(s, SFTConfig, choices)
+    _add_config_flags(s, SFTConfig, choices, TRAIN_HELP)
     titles = {"grpo": "GRPO (group-normalised advantages, clipped ratio, KL to the reference)",
               "dapo": "DAPO (decoupled clip, token-level loss, dynamic sampling, overlong shaping)",
               "ppo": "PPO (value head, GAE, clipped policy and value losses, KL in the rewards)"}
@@ -298,7 +298,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         r.add_argument("--data", required=True, help="prompts with their answers (eval file)")
         r.add_argument("--reward", required=True,
                        help=f"{', '.join(REWARDS)}; names joined by + are summed; or package.module:function")
-        _add_config_flags(r, config_class, choices)
+        _add_config_flags(r, config_class, choices, {**TRAIN_HELP, **RL_HELP})
     e = tsub.add_parser("export", help="a sharded (multi-process) training checkpoint -> an official checkpoint")
     e.add_argument("checkpoint", help="OUT/checkpoints/step-NNNNNNN of a torchrun run")
     e.add_argument("--out", required=True, help="directory for the official checkpoint")

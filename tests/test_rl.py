@@ -384,6 +384,20 @@ def test_a_reward_that_is_not_a_number_is_refused(tiny):
                    GRPOConfig(out="x", group_size=2, max_new_tokens=2), seed=0)
 
 
+def test_a_step_whose_groups_are_all_dropped_makes_no_update(tiny, tmp_path, recwarn):
+    path, processor = tiny
+    model = load(path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_rl(model, processor, make_synthetic(4, split="train"), lambda s, c: 0.0,
+                      DAPOConfig(out=str(tmp_path), steps=2, prompts_per_step=2, group_size=2, max_new_tokens=3,
+                                 max_sampling_rounds=2, lr=1e-2, progress=False))
+    assert result.rewards == [0.0, 0.0] and all(math.isnan(x) for x in result.losses)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["empty"] for r in rows] == [True, True] and rows[1]["lr"] < rows[0]["lr"]  # the schedule moves on
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message)]
+
+
 def test_config_problems_are_reported():
     with pytest.raises(InputError, match="group_size must be >= 2 for GRPO"):
         GRPOConfig(out="x", group_size=1).check(1)

@@ -618,7 +618,7 @@ def train(model: nn.Module, processor: KimiVLProcessor, samples: Sequence[Sample
                                             micro_size, pad_id))
             lr = scheduler.get_last_lr()[0]
             with warnings.catch_warnings():  # a step whose groups were all dropped made no optimizer step
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)`")
                 scheduler.step()
             record.update(lr=lr, seconds=time.perf_counter() - t_start, step_seconds=time.perf_counter() - t0)
             rewards_log.append(record["reward"])

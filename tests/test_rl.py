@@ -342,16 +342,25 @@ def test_each_algorithm_raises_a_learnable_reward(tiny, tmp_path, cls, report):
     assert (tmp_path / "reward.png").is_file() and (tmp_path / "model" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("cls, mode", [(GRPOConfig, {"lora_rank": 4}), (PPOConfig, {"reward_norm": True})],
-                         ids=["grpo-lora", "ppo-full"])
+def digits_or_solved(sample: Sample, completion: str) -> float:
+    """Every second prompt is always right (its groups are uniform: DAPO refills them); the others score digits."""
+    return 1.0 if int(sample.index) % 2 == 0 else digits(sample, completion)
+
+
+@pytest.mark.parametrize("cls, mode", [(GRPOConfig, {"lora_rank": 4}), (PPOConfig, {"reward_norm": True}),
+                                       (DAPOConfig, {})], ids=["grpo-lora", "ppo-full", "dapo-refills"])
 def test_resume_continues_exactly(tiny, tmp_path, cls, mode, monkeypatch):
     """4 straight steps equal 2 steps, an interrupt, and a resume: same rewards, losses and weights, bit for bit."""
     path, processor = tiny
     samples = make_synthetic(6, split="train")
     settings = dict(steps=4, prompts_per_step=2, group_size=3, max_new_tokens=5, lr=1e-3, save_every=2,
                     progress=False, **mode)
+    reward = digits_or_solved
     straight_model = load(path)
-    straight = train_rl(straight_model, processor, samples, digits, cls(out=str(tmp_path / "a"), **settings))
+    straight = train_rl(straight_model, processor, samples, reward, cls(out=str(tmp_path / "a"), **settings))
+    if cls is DAPOConfig:
+        drawn = [r["prompts_drawn"] for r in rl.read_metrics(tmp_path / "a" / "metrics.jsonl")]
+        assert max(drawn[2:]) > 2  # a resumed step refills
     save = rl.save_checkpoint
 
     def save_then_stop(root, step, *args):
@@ -361,12 +370,12 @@ def test_resume_continues_exactly(tiny, tmp_path, cls, mode, monkeypatch):
         return saved
     monkeypatch.setattr(rl, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train_rl(load(path), processor, samples, digits, cls(out=str(tmp_path / "b"), **settings))
+        train_rl(load(path), processor, samples, reward, cls(out=str(tmp_path / "b"), **settings))
     monkeypatch.setattr(rl, "save_checkpoint", save)
     with pytest.raises(InputError, match="pass resume=True"):
-        train_rl(load(path), processor, samples, digits, cls(out=str(tmp_path / "b"), **settings))
+        train_rl(load(path), processor, samples, reward, cls(out=str(tmp_path / "b"), **settings))
     resumed_model = load(path)
-    resumed = train_rl(resumed_model, processor, samples, digits, cls(out=str(tmp_path / "b"), resume=True,
+    resumed = train_rl(resumed_model, processor, samples, reward, cls(out=str(tmp_path / "b"), resume=True,
                                                                       **settings))
     assert resumed.rewards == straight.rewards[2:] and resumed.losses == straight.losses[2:]
     for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values()):

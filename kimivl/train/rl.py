@@ -11,8 +11,8 @@ on-policy (ratio 1, unless dropout is on), so the clip acts from the second.
         surrogate; KL to the reference with the estimator ratio - log ratio - 1 (ratio = pi_ref / pi), weight
         kl_coef; loss averaged per sequence then over sequences, or over all tokens.
   DAPO  the same with a decoupled clip (clip_eps, clip_eps_high), token-level averaging, no KL by default, dynamic
-        sampling (groups whose rewards are all equal carry no gradient: dropped and refilled with new prompts) and
-        overlong shaping (a penalty rising linearly to -1 over the last `overlong_buffer` tokens of the budget).
+        sampling (groups whose task rewards are all equal carry no gradient: dropped and refilled with new prompts)
+        and overlong shaping (a penalty falling linearly to -1 over the last `overlong_buffer` tokens of the budget).
   PPO   a value head on the decoder's final hidden states; per-token rewards (the task reward at the last token,
         minus kl_coef x the per-token KL log pi_old - log pi_ref); GAE(gamma, lam) advantages and returns; clipped
         policy loss, clipped value loss, advantage whitening; optional reward normalisation and clipping.
@@ -23,8 +23,8 @@ any top_k / top_p truncation). Runs in one process.
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -74,7 +74,7 @@ class RLConfig(TrainConfig):
     clip_eps_high: float | None = None  # None: clip_eps (a symmetric clip)
     kl_coef: float = 0.04  # beta; 0 holds no reference
     loss_agg: str = "sequence"  # "sequence": per-response token mean, then mean over responses; "token": over tokens
-    dynamic_sampling: bool = False  # drop groups whose rewards are all equal; refill with new prompts
+    dynamic_sampling: bool = False  # drop groups whose task rewards are all equal; refill with new prompts
     max_sampling_rounds: int = 4  # generation rounds per step at most, when refilling
     overlong_buffer: int | None = 0  # > 0: the last N tokens of max_new_tokens are penalised linearly, down to -1;
     # None: max_new_tokens // 5 (DAPO's 4,096 of 20,480)

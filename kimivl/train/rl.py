@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from ..eval.data import Sample, sample_turn
-from ..generation import GenerationConfig, generate_tokens
+from ..generation import GenerationConfig, generate_tokens, token_logprobs
 from ..model import default_position_ids
 from ..processing import KimiVLProcessor
 from . import parallel
@@ -157,7 +158,7 @@ ALGORITHMS = {c.algorithm: c for c in (GRPOConfig, DAPOConfig, PPOConfig)}
 @dataclass
 class RLResult:
     rewards: list[float]  # per step of this call, the mean task reward of its rollouts
-    losses: list[float]
+    losses: list[float]  # per step, the policy (+ value) loss; nan where every group was dropped
     step: int
     model_dir: Path  # the final model in the official format (LoRA merged)
     checkpoints: list[Path] = field(default_factory=list)
@@ -268,11 +269,13 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return torch.where(m, (x - mean) / (std + eps), torch.zeros_like(x))
 
 
+@dataclass
 class RunningMoments:
     """Running mean and variance of every reward seen (Chan et al.'s parallel update), for PPO reward scaling."""
 
-    def __init__(self, count: float = 0.0, mean: float = 0.0, m2: float = 0.0):
-        self.count, self.mean, self.m2 = count, mean, m2
+    count: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0  # sum of squared deviations from the mean
 
     def update(self, x: torch.Tensor) -> None:
         n, mean, m2 = x.numel(), float(x.mean()), float(((x - x.mean()) ** 2).sum())
@@ -285,9 +288,6 @@ class RunningMoments:
     @property
     def std(self) -> float:
         return math.sqrt(self.m2 / self.count) if self.count else 1.0
-
-    def state(self) -> dict:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
 
 
 class ValueHead(nn.Module):
@@ -320,10 +320,6 @@ class Prompts:
         encoded = [processor([sample_turn(s)]) for s in samples]
         return cls(samples, group_size, [e["input_ids"][0] for e in encoded], [e.get("pixel_values") for e in encoded],
                    [e.get("image_grid_hws") for e in encoded])
-
-    def select(self, keep: list[int]) -> "Prompts":
-        return Prompts([self.samples[p] for p in keep], self.group_size, [self.ids[p] for p in keep],
-                       [self.pixel_values[p] for p in keep], [self.image_grid_hws[p] for p in keep])
 
     def features(self, model, rows: Sequence[int]) -> torch.Tensor | None:
         """The image features of `rows`, in order, from one vision pass over their distinct prompts."""
@@ -399,15 +395,12 @@ def concat_rollouts(parts: list[Rollouts], keep: list[tuple[int, int]], pad_id: 
     L = max(int(part.lengths[r]) for part, r in rows)
 
     def stack(name: str, value) -> torch.Tensor:
-        return torch.stack([torch.nn.functional.pad(getattr(part, name)[r], (0, L - getattr(part, name).shape[1]),
-                                                    value=value) for part, r in rows])
-    prompts = Prompts([], G, [], [], [])
-    for p, q in keep:
-        one = parts[p].prompts.select([q])
-        prompts.samples += one.samples
-        prompts.ids += one.ids
-        prompts.pixel_values += one.pixel_values
-        prompts.image_grid_hws += one.image_grid_hws
+        return torch.stack([F.pad(getattr(part, name)[r], (0, L - getattr(part, name).shape[1]), value=value)
+                            for part, r in rows])
+
+    def pick(name: str) -> list:
+        return [getattr(parts[p].prompts, name)[q] for p, q in keep]
+    prompts = Prompts(pick("samples"), G, pick("ids"), pick("pixel_values"), pick("image_grid_hws"))
     return Rollouts(prompts, stack("tokens", pad_id), stack("mask", False), stack("logprobs", 0.0),
                     [part.texts[r] for part, r in rows], torch.stack([part.scores[r] for part, r in rows]),
                     torch.stack([part.truncated[r] for part, r in rows]))
@@ -507,9 +500,8 @@ def response_forward(model, ro: Rollouts, mb: MicroBatch, temperature: float, va
     hidden = lm.hidden_states(embeds, default_position_ids(ids, mask), mask)  # [n, T, H]
     positions = mb.starts[:, None] + torch.arange(mb.width, device=ids.device)  # [n, l]
     h = hidden[torch.arange(len(ids), device=ids.device)[:, None], positions.clamp(max=ids.shape[1] - 1)][mb.mask]
-    logits = lm.lm_head(h).float() / temperature  # [k, V], real response tokens only
-    logprobs = torch.zeros(mb.mask.shape, device=ids.device).masked_scatter(
-        mb.mask, -F.cross_entropy(logits, mb.tokens[mb.mask], reduction="none"))
+    logprobs = torch.zeros(mb.mask.shape, device=ids.device).masked_scatter(  # the head on real tokens only
+        mb.mask, token_logprobs(lm.lm_head(h), mb.tokens[mb.mask], temperature))
     if value_head is None:
         return logprobs, None
     with torch.autocast(ids.device.type, enabled=False):  # the critic stays in float32
@@ -590,7 +582,7 @@ def train(model: nn.Module, processor: KimiVLProcessor, samples: Sequence[Sample
         def load_extra(extra: dict) -> None:
             if value_head is not None:
                 value_head.load_state_dict(extra["value_head"])
-            moments.__init__(**extra.get("reward_moments", {}))
+            vars(moments).update(extra.get("reward_moments", {}))
         start, elapsed, _ = restore(resume_from, model, optimizer, scheduler, config, dist, load_extra)
         log.info("resumed from %s at step %d", resume_from, start)
     bf16 = use_bf16(model, config)
@@ -631,7 +623,7 @@ def train(model: nn.Module, processor: KimiVLProcessor, samples: Sequence[Sample
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
             if done == config.steps or (config.save_every and done % config.save_every == 0):
-                extra = {"reward_moments": moments.state()}
+                extra = {"reward_moments": dataclasses.asdict(moments)}
                 if value_head is not None:
                     extra["value_head"] = value_head.state_dict()
                 saved.append(save_checkpoint(ckpt_root, done, model, processor, optimizer, scheduler, config, dist,

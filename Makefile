@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-check
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,13 @@ demo: $(STAMP) $(DEMO)/config.json
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# On a CUDA machine, with its own torch (no venv: the venv's pin is the CPU wheel): kernel tests, model agreement,
+# MoE / MLA / A3B timings against the machine's limits -> $(GPU_OUT)/gpu_check.{json,md}
+GPU_OUT ?= runs/gpu-check
+gpu-check:
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) benchmarks/gpu_check.py $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

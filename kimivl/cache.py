@@ -38,6 +38,19 @@ class MLACache:
         self.k_pe[layer, :, self.length:end] = k_pe
         return self.latent[layer, :, :end], self.k_pe[layer, :, :end]
 
+    def write_at(self, layer: int, slot: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one token per row ([B, 1, ...]) at `slot` (a one-element int64 tensor on the cache's device, so the
+        host never reads it and a captured CUDA graph replays at every position); -> the layer's whole buffers."""
+        self.latent[layer].index_copy_(1, slot, latent)
+        self.k_pe[layer].index_copy_(1, slot, k_pe)
+        return self.latent[layer], self.k_pe[layer]
+
+    def reset(self) -> None:
+        """Empty the cache for reuse (the buffers stay where they are)."""
+        self.valid.zero_()
+        self.length = 0
+
     def attention_mask(self, new_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
         """Record which of the next T slots are real and return the bool mask [B, 1, T, length+T] (True = attend)
         for queries at those slots: causal, real keys only, and always the query's own slot. None when nothing is

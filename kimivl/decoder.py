@@ -124,16 +124,23 @@ class MLAttention(nn.Module):
         return self.kv_a_layernorm(latent), apply_rope(k_pe[..., None, :], cos, sin)[..., 0, :]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: MLACache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: MLACache | None = None, layer: int = 0, slot: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]. mask: bool [B, 1, T, keys] (True = attend) or None for plain causal.
 
         With a cache the chunk's latents are stored; a chunk that follows cached tokens attends over all of them
         through the absorbed path (per-head keys and values never built), while the first chunk (prefill) expands
-        its own keys and values, which is cheaper for many queries.
+        its own keys and values, which is cheaper for many queries. With `slot` (a one-token decode step at that
+        cache slot, given as a device tensor) the token is stored there and attends over the whole cache buffer up
+        to and including it, mask [B, 1, 1, max_len]: no host-side length, so a CUDA graph can capture the step.
         """
         cfg = self.config
         q_nope, q_pe = self.project_q(x, cos, sin)
         latent, k_pe = self.project_latent(x, cos, sin)
+        if slot is not None:
+            cached_latent, cached_k_pe = cache.write_at(layer, slot, latent, k_pe)
+            out = absorbed_attention(q_nope, q_pe, cached_latent, cached_k_pe, self.kv_b_proj.weight, mask,
+                                     self.softmax_scale, kv_lens=(slot + 1).expand(x.shape[0]))
+            return self.o_proj(out.flatten(2))
         if cache is not None:
             cached_latent, cached_k_pe = cache.write(layer, latent, k_pe)  # everything cached so far, this chunk too
             if cache.length > 0:  # a chunk after cached tokens
@@ -157,8 +164,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: MLACache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+                cache: MLACache | None = None, layer: int = 0, slot: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -199,6 +206,24 @@ class DeepseekV3ForCausalLM(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.model.norm(x)
+
+
+    def decode_step(self, token: torch.Tensor, position_ids: torch.Tensor, cache: MLACache, slot: torch.Tensor
+                    ) -> torch.Tensor:
+        """One new token per row stored at cache slot `slot` -> logits [B, vocab] float32. token, position_ids
+        [B, 1]; slot: one-element int64 tensor on the device (every row writes the same slot: batches are
+        left-padded). The same result as `hidden_states` with the cache for one token, but with fixed shapes and no
+        host synchronisation: the step `kimivl.cuda_graphs` captures once and replays. `cache.length` is left to the
+        caller."""
+        cfg = self.config
+        cache.valid.index_fill_(1, slot, True)
+        mask = cache.valid[:, None, None, :]  # [B, 1, 1, max_len]: padding hidden; slots past `slot` via kv_lens
+        angles = rope_1d_angles(position_ids, cfg.qk_rope_head_dim, cfg.rope_theta)
+        cos, sin = angles.cos(), angles.sin()
+        x = self.model.embed_tokens(token)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, i, slot)
+        return self.lm_head(self.model.norm(x)[:, -1]).float()
 
 
 def causal_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from .cache import MLACache
+from .cuda_graphs import decoder_step, graphs_enabled
 from .errors import InputError
 from .model import default_position_ids
 
@@ -87,8 +88,8 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
                     attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                     image_grid_hws: torch.Tensor | None = None, config: GenerationConfig | None = None,
                     stop_ids: Sequence[int] = (), pad_id: int = 0, stats: GenerationStats | None = None,
-                    logprobs: list[torch.Tensor] | None = None, image_features: torch.Tensor | None = None
-                    ) -> Iterator[torch.Tensor]:
+                    logprobs: list[torch.Tensor] | None = None, image_features: torch.Tensor | None = None,
+                    cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [B], step by step, until every row has produced a stop id or
     max_new_tokens are done; rows that have stopped yield pad_id. input_ids are left-padded (attention_mask 0).
     Given a list, `logprobs` gets one [B] tensor per yielded step: each token's log-probability under
@@ -96,6 +97,8 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
     `image_features` may replace pixel_values (see `KimiVLForConditionalGeneration.embed`).
 
     Prefill runs the prompt once and fills the latent cache; each decode step runs one token per row against it.
+    On CUDA the decode step is captured once in a CUDA graph and replayed (`kimivl.cuda_graphs`; `cuda_graph=False`
+    or KIMIVL_CUDA_GRAPHS=0 runs it eagerly).
     """
     cfg = config or GenerationConfig()
     cfg.validate()
@@ -119,7 +122,12 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
     stop = torch.tensor(sorted(set(stop_ids)), device=input_ids.device, dtype=torch.long)
 
     start = time.perf_counter()
-    cache = MLACache(lm.config, B, T + cfg.max_new_tokens, device=model.device, dtype=model.dtype)
+    graphed = graphs_enabled(model.device) if cuda_graph is None else cuda_graph
+    if graphed:
+        step_fn = decoder_step(lm, B, T + cfg.max_new_tokens, model.device, model.dtype)
+        cache = step_fn.cache
+    else:
+        cache = MLACache(lm.config, B, T + cfg.max_new_tokens, device=model.device, dtype=model.dtype)
     positions = default_position_ids(input_ids, attention_mask)
     embeds = model.embed(input_ids, pixel_values, image_grid_hws, image_features)
     logits = lm.lm_head(lm.hidden_states(embeds, positions, attention_mask, cache)[:, -1]).float()  # [B, V]
@@ -137,8 +145,12 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
         if step + 1 == cfg.max_new_tokens or bool(finished.all()):
             return
         start = time.perf_counter()
-        hidden = lm.hidden_states(lm.model.embed_tokens(token[:, None]), next_pos, None, cache)
-        logits = lm.lm_head(hidden[:, -1]).float()
+        if graphed:
+            logits = step_fn(token, next_pos, cache.length)
+            cache.advance(1)
+        else:
+            hidden = lm.hidden_states(lm.model.embed_tokens(token[:, None]), next_pos, None, cache)
+            logits = lm.lm_head(hidden[:, -1]).float()
         token = sample(logits, cfg, generator)
         if logprobs is not None:
             logprobs.append(token_logprobs(logits, token, cfg.temperature))

@@ -96,6 +96,68 @@ def test_cache_bytes_per_token():
     assert MLACache(a3b, 1, 1, device="meta", dtype=torch.bfloat16).bytes_per_token_per_layer() == 1152  # 576 x 2
 
 
+def test_fixed_shape_decode_step_matches_cached_decoding(loaded):
+    """decode_step (the step CUDA graphs capture: whole-buffer attention, position on the device) gives the logits of
+    the ordinary cached step, teacher-forced over a left-padded batch with images, in a cache longer than needed
+    whose unused slots hold garbage."""
+    model, processor = loaded()
+    lm = model.language_model
+    inputs = processor([image_conversation((84, 56), "What is this?"),
+                        [{"role": "user", "content": "Say something long about nothing in particular, please."}]])
+    B, T = inputs.input_ids.shape
+    forced = torch.randint(0, 1000, (B, 8))
+    positions = default_position_ids(inputs.input_ids, inputs.attention_mask)
+    runs = []
+    with torch.no_grad():
+        for fixed in (False, True):
+            cache = MLACache(lm.config, B, T + 8 + 13)
+            cache.latent.normal_()  # garbage past the filled slots: must stay unseen
+            cache.k_pe.normal_()
+            embeds = model.embed(inputs.input_ids, inputs.pixel_values, inputs.image_grid_hws)
+            lm(embeds, positions, inputs.attention_mask, cache)
+            steps = []
+            for i in range(8):
+                token, pos = forced[:, i:i + 1], positions[:, -1:] + 1 + i
+                if fixed:
+                    steps.append(lm.decode_step(token, pos, cache, torch.tensor([cache.length])))
+                    cache.advance(1)
+                else:
+                    steps.append(lm(lm.model.embed_tokens(token), pos, None, cache)[:, -1])
+            runs.append(torch.stack(steps, 1))
+    assert runs[0].std() > 0.1
+    torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=1e-5)
+
+
+def test_graphed_generation_reuses_its_step_and_matches_eager(loaded, monkeypatch):
+    """cuda_graph=True (on CPU: the fixed-shape step without capture) gives eager generation's tokens and
+    log-probabilities; a second call of the same batch size reuses the step and its cache, a new batch size adds
+    one, and at most MAX_GRAPHS are kept."""
+    from kimivl import cuda_graphs
+
+    model, processor = loaded()
+    lm = model.language_model
+    inputs = processor([image_conversation((84, 56), "What is this?"), [{"role": "user", "content": "Hi"}]])
+    config = GenerationConfig(max_new_tokens=10)
+    results = {}
+    for graphed in (False, True, True):
+        logprobs = []
+        tokens = torch.stack(list(generate_tokens(model, **inputs, config=config, stop_ids=[], logprobs=logprobs,
+                                                  cuda_graph=graphed)), 1)
+        results.setdefault(graphed, []).append((tokens, torch.stack(logprobs, 1)))
+    (eager_tokens, eager_lp), = results[False]
+    for tokens, lp in results[True]:
+        assert tokens.tolist() == eager_tokens.tolist()
+        torch.testing.assert_close(lp, eager_lp, rtol=0, atol=1e-5)
+    assert len(lm._decode_graphs) == 1  # the second call reused the first one's step
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
+    for rows in (1, 3, 4):
+        list(generate_tokens(model, inputs.input_ids[1:].repeat(rows, 1), inputs.attention_mask[1:].repeat(rows, 1),
+                             config=GenerationConfig(max_new_tokens=2), cuda_graph=True))
+    assert [key[0] for key in lm._decode_graphs] == [3, 4]  # least recently used dropped
+    cuda_graphs.release_graphs(lm)
+    assert not hasattr(lm, "_decode_graphs") or not lm._decode_graphs
+
+
 # ---- batching ------------------------------------------------------------------------------------------------
 def test_left_padded_batch_matches_each_alone(loaded):
     model, processor = loaded()

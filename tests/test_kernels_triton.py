@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 
 from kimivl import KimiVLConfig, KimiVLForConditionalGeneration, KimiVLProcessor, MLACache  # noqa: E402
 from kimivl.config import TextConfig  # noqa: E402
+from kimivl.generation import GenerationConfig, generate_tokens  # noqa: E402
 from kimivl.kernels import triton_mla, triton_moe, triton_routing  # noqa: E402
 from kimivl.kernels.mla import absorbed_attention, absorbed_attention_reference  # noqa: E402
 from kimivl.kernels.moe import moe_experts, moe_experts_reference  # noqa: E402
@@ -139,6 +140,23 @@ def test_mla_kernel_matches_reference(case):
     assert rel_err(got, want) <= RTOL
 
 
+def test_mla_kernel_reads_only_kv_lens_slots():
+    """kv_lens (the captured decode step's device-side length): row b attends over its first kv_lens[b] slots only;
+    slots past them are never read (NaN there would poison the result)."""
+    q_nope, q_pe, latent, k_pe, kv_b, mask = (t.to(DEVICE) for t in mla_inputs(2, 1, 4, 70, 32, 8, "causal-padding"))
+    lens = torch.tensor([45, 21], device=DEVICE)
+    want = torch.cat([absorbed_attention_reference(q_nope[b:b + 1], q_pe[b:b + 1], latent[b:b + 1, :n],
+                                                   k_pe[b:b + 1, :n], kv_b, mask[b:b + 1, ..., :n], 0.3)
+                      for b, n in enumerate(lens.tolist())])
+    assert rel_err(absorbed_attention_reference(q_nope, q_pe, latent, k_pe, kv_b, mask, 0.3, lens), want) <= RTOL
+    poisoned_latent, poisoned_k_pe = latent.clone(), k_pe.clone()
+    for b, n in enumerate(lens.tolist()):
+        poisoned_latent[b, n:] = float("nan")
+        poisoned_k_pe[b, n:] = float("nan")
+    got = triton_mla.absorbed_attention_triton(q_nope, q_pe, poisoned_latent, poisoned_k_pe, kv_b, mask, 0.3, lens)
+    assert rel_err(got, want) <= RTOL
+
+
 @pytest.fixture
 def spies(monkeypatch):
     """Counts of calls into the Triton entry points through the public ops."""
@@ -209,6 +227,7 @@ TWO_PROMPTS = [[{"role": "user", "content": "hi"}],  # left-padded: the decode m
 def test_tiny_generation_same_tokens_with_triton_backend(monkeypatch, spies, tiny_loaded):
     model, processor = tiny_loaded
     inputs = {k: v.to(DEVICE) for k, v in processor(TWO_PROMPTS).items()}
+    monkeypatch.setenv("KIMIVL_CUDA_GRAPHS", "0")  # count the kernel calls of every step (a graph replays unseen)
     out = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("KIMIVL_BACKEND", backend)
@@ -216,6 +235,22 @@ def test_tiny_generation_same_tokens_with_triton_backend(monkeypatch, spies, tin
     layers = model.config.text_config.num_hidden_layers
     assert spies["mla"] == 5 * layers  # every decode step after the first token went through the kernel
     assert out["triton"].tolist() == out["torch"].tolist()
+
+
+def test_fixed_shape_decode_step_same_tokens_with_triton_backend(monkeypatch, tiny_loaded):
+    """The decode step CUDA graphs capture (on CPU run without capture) gives eager decoding's tokens and
+    log-probabilities through the Triton kernels, left padding included; on a GPU this replays a real graph."""
+    model, processor = tiny_loaded
+    inputs = {k: v.to(DEVICE) for k, v in processor(TWO_PROMPTS).items()}
+    monkeypatch.setenv("KIMIVL_BACKEND", "triton")
+    runs = {}
+    for graphed in (False, True):
+        logprobs = []
+        tokens = torch.stack(list(generate_tokens(model, **inputs, config=GenerationConfig(max_new_tokens=6),
+                                                  logprobs=logprobs, cuda_graph=graphed)), 1)
+        runs[graphed] = tokens, torch.stack(logprobs, 1)
+    assert runs[True][0].tolist() == runs[False][0].tolist()
+    assert (runs[True][1] - runs[False][1]).abs().max().item() <= 1e-5
 
 
 def test_tiny_cached_decode_same_logits_with_triton_backend(monkeypatch, spies, tiny_loaded, report):
@@ -275,12 +310,12 @@ kernels = [
      {"TOP_K": 6, "BLOCK_T": 16, "BLOCK_H": 64}),
     (triton_mla._mla_decode_kernel,  # a3b: 16 heads, C = 512, rope 64
      {"q_ptr": "*bf16", "q_pe_ptr": "*bf16", "latent_ptr": "*bf16", "k_pe_ptr": "*bf16", "mask_ptr": "*i1",
-      "out_ptr": "*bf16", **{name: i32 for name in ("T", "S", "H", "C", "R", "stride_qb", "stride_qt", "stride_qh",
+      "lens_ptr": "*i32", "out_ptr": "*bf16", **{name: i32 for name in ("T", "S", "H", "C", "R", "stride_qb", "stride_qt", "stride_qh",
                                                    "stride_pb", "stride_pt", "stride_ph", "stride_lb", "stride_ls",
                                                    "stride_kb", "stride_ks", "stride_mb", "stride_mt", "stride_ms",
                                                    "stride_ob", "stride_ot", "stride_oh")},
       "scale": "fp32"},
-     {"HAS_MASK": True, "BLOCK_H": 16, "BLOCK_S": 32, "BLOCK_C": 512, "BLOCK_R": 64, "PRECISION": "ieee"}),
+     {"HAS_MASK": True, "HAS_LENS": True, "BLOCK_H": 16, "BLOCK_S": 32, "BLOCK_C": 512, "BLOCK_R": 64, "PRECISION": "ieee"}),
 ]
 for fn, signature, constants in kernels:
     signature = {**signature, **{name: "constexpr" for name in constants}}

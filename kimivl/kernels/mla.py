@@ -8,18 +8,20 @@ from .backend import backend_for
 
 
 def absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-                       kv_b_weight: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+                       kv_b_weight: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                       kv_lens: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of new queries over cached latents, never expanding per-head keys or values.
 
     q_nope [B, T, heads, nope], q_pe [B, T, heads, rope] (rotated); latent [B, S, C] (normalised), k_pe [B, S, rope]
     (rotated); kv_b_weight [heads * (nope + v), C]; mask bool [B, 1, T, S] (True = attend) or None (every slot
-    visible). Returns [B, T, heads, v]. Dispatches to the Triton flash-decoding kernel or to
+    visible); kv_lens [B] or None: row b sees only its first kv_lens[b] slots (a tensor, so that a captured decode
+    step reads a growing cache without re-capture). Returns [B, T, heads, v]. Dispatches to the Triton flash-decoding kernel or to
     `absorbed_attention_reference`.
     """
     if backend_for(q_nope, latent, kv_b_weight) == "triton":
         from .triton_mla import absorbed_attention_triton
-        return absorbed_attention_triton(q_nope, q_pe, latent, k_pe, kv_b_weight, mask, scale)
-    return absorbed_attention_reference(q_nope, q_pe, latent, k_pe, kv_b_weight, mask, scale)
+        return absorbed_attention_triton(q_nope, q_pe, latent, k_pe, kv_b_weight, mask, scale, kv_lens)
+    return absorbed_attention_reference(q_nope, q_pe, latent, k_pe, kv_b_weight, mask, scale, kv_lens)
 
 
 def absorb_weights(kv_b_weight: torch.Tensor, heads: int, nope: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +31,8 @@ def absorb_weights(kv_b_weight: torch.Tensor, heads: int, nope: int) -> tuple[to
 
 
 def absorbed_attention_reference(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-                                 kv_b_weight: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+                                 kv_b_weight: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                                 kv_lens: torch.Tensor | None = None) -> torch.Tensor:
     """`absorbed_attention` in plain PyTorch (same arguments and result).
 
     k_nope = latent @ W_uk^T per head, so q_nope . k_nope = (q_nope @ W_uk) . latent: queries are taken into the
@@ -41,6 +44,9 @@ def absorbed_attention_reference(q_nope: torch.Tensor, q_pe: torch.Tensor, laten
     scores = q_latent @ latent[:, None].transpose(-1, -2)  # [B, heads, T, S]
     scores = scores + q_pe.transpose(1, 2) @ k_pe[:, None].transpose(-1, -2)
     scores = scores.float() * scale
+    if kv_lens is not None:
+        within = torch.arange(latent.shape[1], device=latent.device) < kv_lens[:, None]  # [B, S]
+        mask = within[:, None, None] if mask is None else mask & within[:, None, None]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     context = scores.softmax(dim=-1).to(latent.dtype) @ latent[:, None]  # [B, heads, T, C]

@@ -52,14 +52,15 @@ def moe_experts_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
 
 
 def dispatch(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token-expert slots grouped by expert, without a host sync.
+    """Token-expert slots grouped by expert, without a host sync (so a CUDA graph can capture it).
 
     ids [T, k] -> order [T*k] (slot indices sorted by expert, stable), counts [E] (slots per expert), ends [E]
     (int32 cumulative counts: expert e owns sorted rows ends[e-1]:ends[e]). Slot s is token s // k.
     """
     flat = ids.flatten()
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # a scatter, not bincount: CUDA's bincount reads the largest id back to the host, which a CUDA graph cannot hold
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
     return order, counts, counts.cumsum(0).to(torch.int32)
 
 

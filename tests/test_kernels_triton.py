@@ -129,8 +129,19 @@ def mla_inputs(B: int, T: int, heads: int, S: int, C: int, R: int, mask: str | N
     return q_nope, q_pe, latent, k_pe, kv_b, m
 
 
+@pytest.fixture(params=["one-pass", "split"])
+def mla_splits(request, monkeypatch):
+    """The MLA kernel in one pass over the slots, or split into 24-slot ranges (4 of them: over 70 slots the last
+    sees nothing, and the 21-slot rows of the kv_lens test leave three empty) merged by the combine kernel."""
+    if request.param == "split":
+        monkeypatch.setattr(triton_mla, "num_splits", lambda programs, S, block_s: (4, 24))
+    else:
+        monkeypatch.setattr(triton_mla, "num_splits", lambda programs, S, block_s: (1, S))
+    return request.param
+
+
 @pytest.mark.parametrize("case", MLA_CASES)
-def test_mla_kernel_matches_reference(case):
+def test_mla_kernel_matches_reference(case, mla_splits):
     q_nope, q_pe, latent, k_pe, kv_b, mask = (t.to(DEVICE) if t is not None else None
                                               for t in mla_inputs(*MLA_CASES[case]))
     scale = 0.3
@@ -140,7 +151,7 @@ def test_mla_kernel_matches_reference(case):
     assert rel_err(got, want) <= RTOL
 
 
-def test_mla_kernel_reads_only_kv_lens_slots():
+def test_mla_kernel_reads_only_kv_lens_slots(mla_splits):
     """kv_lens (the captured decode step's device-side length): row b attends over its first kv_lens[b] slots only;
     slots past them are never read (NaN there would poison the result)."""
     q_nope, q_pe, latent, k_pe, kv_b, mask = (t.to(DEVICE) for t in mla_inputs(2, 1, 4, 70, 32, 8, "causal-padding"))
@@ -155,6 +166,19 @@ def test_mla_kernel_reads_only_kv_lens_slots():
         poisoned_k_pe[b, n:] = float("nan")
     got = triton_mla.absorbed_attention_triton(q_nope, q_pe, poisoned_latent, poisoned_k_pe, kv_b, mask, 0.3, lens)
     assert rel_err(got, want) <= RTOL
+
+
+def test_mla_split_choice():
+    """Batch-1 decoding over a long cache is split to fill the GPU; many rows or a short cache are not; ranges are
+    whole tiles and cover every slot."""
+    assert triton_mla.num_splits(1, 16384, 32) == (64, 256)
+    assert triton_mla.num_splits(1, 1000, 32) == (4, 256)
+    assert triton_mla.num_splits(128, 16384, 32)[0] == 2
+    assert triton_mla.num_splits(512, 100_000, 32)[0] == 1
+    assert triton_mla.num_splits(1, 100, 32) == (1, 128)
+    for programs, S in ((1, 70_000), (3, 4097), (16, 131072)):
+        n, length = triton_mla.num_splits(programs, S, 32)
+        assert length % 32 == 0 and (n - 1) * length < S <= n * length
 
 
 @pytest.fixture
@@ -308,14 +332,21 @@ kernels = [
      {"y_ptr": "*fp32", "row_of_slot_ptr": i64, "out_ptr": "*bf16", "T": i32, "H": i32, "stride_y": i32,
       "stride_out": i32},
      {"TOP_K": 6, "BLOCK_T": 16, "BLOCK_H": 64}),
-    (triton_mla._mla_decode_kernel,  # a3b: 16 heads, C = 512, rope 64
-     {"q_ptr": "*bf16", "q_pe_ptr": "*bf16", "latent_ptr": "*bf16", "k_pe_ptr": "*bf16", "mask_ptr": "*i1",
-      "lens_ptr": "*i32", "out_ptr": "*bf16", **{name: i32 for name in ("T", "S", "H", "C", "R", "stride_qb", "stride_qt", "stride_qh",
-                                                   "stride_pb", "stride_pt", "stride_ph", "stride_lb", "stride_ls",
-                                                   "stride_kb", "stride_ks", "stride_mb", "stride_mt", "stride_ms",
-                                                   "stride_ob", "stride_ot", "stride_oh")},
-      "scale": "fp32"},
-     {"HAS_MASK": True, "HAS_LENS": True, "BLOCK_H": 16, "BLOCK_S": 32, "BLOCK_C": 512, "BLOCK_R": 64, "PRECISION": "ieee"}),
+    *[(triton_mla._mla_decode_kernel,  # a3b: 16 heads, C = 512, rope 64; one pass, and split with a combine
+       {"q_ptr": "*bf16", "q_pe_ptr": "*bf16", "latent_ptr": "*bf16", "k_pe_ptr": "*bf16", "mask_ptr": "*i1",
+        "lens_ptr": "*i32", "out_ptr": "*fp32" if split else "*bf16", "lse_ptr": "*fp32" if split else "*bf16",
+        **{name: i32 for name in ("T", "S", "H", "C", "R", "split_len", "stride_qb", "stride_qt", "stride_qh",
+                                  "stride_pb", "stride_pt", "stride_ph", "stride_lb", "stride_ls", "stride_kb",
+                                  "stride_ks", "stride_mb", "stride_mt", "stride_ms", "stride_ob", "stride_ot",
+                                  "stride_oh", "stride_os")},
+        "scale": "fp32"},
+       {"HAS_MASK": True, "HAS_LENS": True, "SPLIT": split, "BLOCK_H": 16, "BLOCK_S": 32, "BLOCK_C": 512,
+        "BLOCK_R": 64, "PRECISION": "ieee"}) for split in (False, True)],
+    (triton_mla._mla_combine_kernel,
+     {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16",
+      **{name: i32 for name in ("T", "H", "C", "SPLITS", "stride_pb", "stride_pt", "stride_ph", "stride_ps",
+                                "stride_ob", "stride_ot", "stride_oh")}},
+     {"BLOCK_C": 512}),
 ]
 for fn, signature, constants in kernels:
     signature = {**signature, **{name: "constexpr" for name in constants}}
@@ -334,4 +365,5 @@ def test_kernels_compile_for_a_real_gpu():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     names = [line.split()[0] for line in out.stdout.splitlines()]
-    assert names == ["_route_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel", "_mla_decode_kernel"]
+    assert names == ["_route_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel", "_mla_decode_kernel",
+                     "_mla_decode_kernel", "_mla_combine_kernel"]

@@ -18,8 +18,10 @@ import triton.language as tl
 from .backend import tl_precision
 from .moe import dispatch, inverse_permutation
 
-BLOCK_N = 64
-BLOCK_K = 32
+# Tile shapes per regime: few rows per expert (decode: the weights stream through once, reading them is the cost)
+# and many (prefill: a real GEMM). num_warps / num_stages are Triton's launch options.
+DECODE_TILES = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+PREFILL_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -123,24 +125,23 @@ def moe_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
         return out
     x, gate_up_proj, down_proj = x.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous()
     order, counts, ends = dispatch(ids, E)
-    block_m = 16 if n <= 16 * E else 64  # few rows per expert (decode): small blocks waste less
+    tiles = DECODE_TILES if n <= 16 * E else PREFILL_TILES  # few rows per expert (decode): small blocks waste less
+    block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
     # every expert's last block may be partial; at most min(E, n) experts have rows
     num_blocks = n // block_m + min(E, n)
     meta = (*row_blocks(counts, block_m, num_blocks), ends - counts, ends)
     precision = tl_precision(x.dtype)
 
     h = torch.empty(n, I, device=x.device, dtype=x.dtype)  # sorted rows
-    _gate_up_kernel[(num_blocks, triton.cdiv(I, BLOCK_N))](
+    _gate_up_kernel[(num_blocks, triton.cdiv(I, block_n))](
         x, order, gate_up_proj, h, *meta, E, H, I, x.stride(0), gate_up_proj.stride(0),
-        gate_up_proj.stride(1), h.stride(0),
-        TOP_K=k, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=precision)
+        gate_up_proj.stride(1), h.stride(0), TOP_K=k, PRECISION=precision, **tiles)
     y = torch.empty(n, H, device=x.device, dtype=torch.float32)
-    _down_kernel[(num_blocks, triton.cdiv(H, BLOCK_N))](
+    _down_kernel[(num_blocks, triton.cdiv(H, block_n))](
         h, down_proj, order, weights.contiguous().view(-1).float(), y, *meta, E, H, I, h.stride(0),
-        down_proj.stride(0), down_proj.stride(1), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=precision)
+        down_proj.stride(0), down_proj.stride(1), y.stride(0), PRECISION=precision, **tiles)
     row_of_slot = inverse_permutation(order)
-    block_t = 16
-    _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, BLOCK_N))](
-        y, row_of_slot, out, T, H, y.stride(0), out.stride(0), TOP_K=k, BLOCK_T=block_t, BLOCK_H=BLOCK_N)
+    block_t, block_h = 16, 64
+    _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
+        y, row_of_slot, out, T, H, y.stride(0), out.stride(0), TOP_K=k, BLOCK_T=block_t, BLOCK_H=block_h)
     return out

@@ -14,6 +14,7 @@ from torch import nn
 from .cache import MLACache
 from .config import TextConfig
 from .kernels.attention import prefill_attention
+from .kernels.backend import backend_for
 from .kernels.mla import absorbed_attention
 from .kernels.moe import moe_experts
 from .kernels.routing import route
@@ -36,8 +37,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        if backend_for(x, self.weight) == "triton":  # CUDA inference: one kernel
+            from .kernels.triton_norm import rms_norm_triton
+            return rms_norm_triton(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * normalised x: statistics in float32, the normalised value rounded to x's dtype before the scale."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class MLP(nn.Module):

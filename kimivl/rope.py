@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.backend import backend_for
+
 
 def rope_1d_angles(position_ids: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
     """Angles [..., dim/2] in float32: pair j of a token at position p turns by p * theta^(-2j/dim)."""
@@ -30,8 +32,17 @@ def rope_2d_angles(grid_hws: list[tuple[int, int]], head_dim: int, theta: float,
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2p], x[2p+1]) as complex numbers by angle p; math in float32, returns x's dtype.
 
-    x [..., T, heads, D]; cos, sin [..., T, D/2] (the same rotation for every head).
+    x [..., T, heads, D]; cos, sin [..., T, D/2] (the same rotation for every head). One Triton kernel where the
+    triton backend serves (CUDA inference), else `apply_rope_reference`.
     """
+    if cos.shape[:-1] == x.shape[:-2] and backend_for(x) == "triton":
+        from .kernels.triton_norm import apply_rope_triton
+        return apply_rope_triton(x, cos, sin)
+    return apply_rope_reference(x, cos, sin)
+
+
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` in plain PyTorch (same arguments and result)."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each [..., T, heads, D/2]
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)

@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 from kimivl import KimiVLConfig, KimiVLForConditionalGeneration, KimiVLProcessor, MLACache  # noqa: E402
 from kimivl.config import TextConfig  # noqa: E402
 from kimivl.generation import GenerationConfig, generate_tokens  # noqa: E402
-from kimivl.kernels import triton_mla, triton_moe, triton_routing  # noqa: E402
+from kimivl.kernels import triton_mla, triton_moe, triton_norm, triton_routing  # noqa: E402
 from kimivl.kernels.mla import absorbed_attention, absorbed_attention_reference  # noqa: E402
 from kimivl.kernels.moe import moe_experts, moe_experts_reference  # noqa: E402
 from kimivl.kernels.routing import route, route_reference  # noqa: E402
@@ -86,6 +86,36 @@ def test_expert_kernels_match_reference(shape):
     got = triton_moe.moe_experts_triton(x, ids, w, gate_up, down)
     want = moe_experts_reference(x, ids, w, gate_up, down)
     assert got.dtype == x.dtype and got.shape == want.shape
+    assert rel_err(got, want) <= RTOL
+
+
+@pytest.mark.parametrize("D", [64, 37])
+def test_rms_norm_kernel_matches_reference(D):
+    """Rows read in place from a strided view (the cache's latent split), D not a power of two too."""
+    from kimivl.decoder import rms_norm_reference
+    gen = torch.Generator().manual_seed(2)
+    wide = torch.randn(3, 5, D + 9, generator=gen).to(DEVICE) * 3
+    x = wide[..., :D]  # row stride D + 9
+    weight = (1 + 0.1 * torch.randn(D, generator=gen)).to(DEVICE)
+    got = triton_norm.rms_norm_triton(x, weight, 1e-6)
+    want = rms_norm_reference(x, weight, 1e-6)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert rel_err(got, want) <= RTOL
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 8), (2, 3, 1, 8), (7, 20, 12)], ids=["q_pe", "k_pe", "vision"])
+def test_rope_kernel_matches_reference(shape):
+    """The decoder's query rope keys (a strided split of q), its one shared key head, and MoonViT's [L, heads, D]
+    with 20 heads (two head blocks, the second partial)."""
+    from kimivl.rope import apply_rope_reference, rope_1d_angles
+    gen = torch.Generator().manual_seed(3)
+    *lead, H, D = shape
+    full = torch.randn(*lead, H, D + 6, generator=gen).to(DEVICE)
+    x = full[..., 6:]  # like q_pe after the nope part
+    angles = rope_1d_angles(torch.randint(0, 500, tuple(lead), generator=gen), D, 10000.0).to(DEVICE)
+    got = triton_norm.apply_rope_triton(x, angles.cos(), angles.sin())
+    want = apply_rope_reference(x, angles.cos(), angles.sin())
+    assert got.shape == want.shape and got.dtype == want.dtype
     assert rel_err(got, want) <= RTOL
 
 
@@ -309,17 +339,17 @@ COMPILE_FOR_GPU = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kimivl.kernels import triton_mla, triton_moe, triton_routing
+from kimivl.kernels import triton_mla, triton_moe, triton_norm, triton_routing
 
 i64, i32 = "*i64", "i32"
 meta = {"block_expert_ptr": i64, "block_first_ptr": i64, "starts_ptr": i64, "ends_ptr": "*i32"}
 gemm = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "PRECISION": "ieee"}
 kernels = [
     (triton_routing._route_kernel,
-     {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*fp32", "ids_ptr": i64, "wout_ptr": "*fp32", "T": i32, "H": i32,
-      "stride_x": i32, "stride_w": i32, "scale": "fp32"},
+     {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "ids_ptr": i64, "wout_ptr": "*fp32", "T": i32, "stride_l": i32,
+      "scale": "fp32"},
      {"E": 64, "K": 6, "HAS_BIAS": True, "SOFTMAX": False, "N_GROUP": 4, "TOPK_GROUP": 2, "GROUP_TOP2": True,
-      "NORM": True, "BLOCK_T": 16, "BLOCK_E": 64, "BLOCK_G": 4, "BLOCK_K": 8, "BLOCK_H": 64, "PRECISION": "ieee"}),
+      "NORM": True, "BLOCK_T": 16, "BLOCK_E": 64, "BLOCK_G": 4, "BLOCK_K": 8}),
     (triton_moe._gate_up_kernel,
      {"x_ptr": "*bf16", "order_ptr": i64, "w_ptr": "*bf16", "h_ptr": "*bf16", **meta, "E": i32, "H": i32, "I": i32,
       "stride_x": i32, "stride_we": i32, "stride_wn": i32, "stride_h": i32},
@@ -342,6 +372,14 @@ kernels = [
         "scale": "fp32"},
        {"HAS_MASK": True, "HAS_LENS": True, "SPLIT": split, "BLOCK_H": 16, "BLOCK_S": 32, "BLOCK_C": 512,
         "BLOCK_R": 64, "PRECISION": "ieee"}) for split in (False, True)],
+    (triton_norm._rms_norm_kernel,
+     {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "D": i32, "stride_x": i32, "stride_out": i32,
+      "eps": "fp32"},
+     {"BLOCK_D": 2048}),
+    (triton_norm._rope_kernel,
+     {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "out_ptr": "*bf16", "H": i32, "P": i32,
+      "stride_xn": i32, "stride_xh": i32, "stride_cn": i32, "stride_sn": i32},
+     {"BLOCK_H": 16, "BLOCK_P": 32}),
     (triton_mla._mla_combine_kernel,
      {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16",
       **{name: i32 for name in ("T", "H", "C", "SPLITS", "stride_pb", "stride_pt", "stride_ph", "stride_ps",
@@ -366,4 +404,4 @@ def test_kernels_compile_for_a_real_gpu():
     assert out.returncode == 0, out.stderr[-3000:]
     names = [line.split()[0] for line in out.stdout.splitlines()]
     assert names == ["_route_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel", "_mla_decode_kernel",
-                     "_mla_decode_kernel", "_mla_combine_kernel"]
+                     "_mla_decode_kernel", "_rms_norm_kernel", "_rope_kernel", "_mla_combine_kernel"]

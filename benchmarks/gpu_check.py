@@ -647,12 +647,14 @@ def profile(sec: Section, p: Profile, device: torch.device, limits: Limits) -> N
                 eager()
             sync(device)
         release_graphs(lm)
-    kernels = []
+    from torch.autograd import DeviceType
+
+    kernels = []  # device-side events only (kernels, copies): the aten ops above them carry the same time again
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", None)
         if us is None:
             us = getattr(e, "self_cuda_time_total", 0)
-        if us and us > 0:
+        if us and us > 0 and getattr(e, "device_type", None) == DeviceType.CUDA:
             kernels.append((e.key, e.count // steps, us / steps))
     kernels.sort(key=lambda k: -k[2])
     total = sum(k[2] for k in kernels)
@@ -668,6 +670,18 @@ def profile(sec: Section, p: Profile, device: torch.device, limits: Limits) -> N
                 "n32 k64 w4 s4": dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=4),
                 "n16 k256 w4 s3": dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=3),
                 "n128 k64 w8 s3": dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)}
+    from kimivl.kernels import triton_mla
+
+    shortest = triton_mla.MIN_SPLIT_SLOTS
+    try:
+        for slots in (256, 128, 64):
+            triton_mla.MIN_SPLIT_SLOTS = slots
+            with torch.no_grad():
+                b1, b32 = graphed_step(1), graphed_step(32)
+            sec.notes.append(f"MLA splits of at least {slots} slots: graph step batch 1 {b1 * 1e3:.2f} ms, batch 32 "
+                             f"{b32 * 1e3:.2f} ms")
+    finally:
+        triton_mla.MIN_SPLIT_SLOTS = shortest
     chosen = dict(triton_moe.DECODE_TILES)
     try:
         for name, tiles in variants.items():

@@ -201,8 +201,10 @@ def test_mla_kernel_reads_only_kv_lens_slots(mla_splits):
 def test_mla_split_choice():
     """Batch-1 decoding over a long cache is split to fill the GPU; many rows or a short cache are not; ranges are
     whole tiles and cover every slot."""
-    assert triton_mla.num_splits(1, 16384, 32) == (64, 256)
-    assert triton_mla.num_splits(1, 1000, 32) == (4, 256)
+    assert triton_mla.MIN_SPLIT_SLOTS == 128 and triton_mla.SPLIT_PROGRAMS == 264
+    assert triton_mla.num_splits(1, 16384, 32) == (128, 128)
+    assert triton_mla.num_splits(1, 1000, 32) == (8, 128)
+    assert triton_mla.num_splits(1, 131072, 32) == (256, 512)  # 264 wanted, 512-slot ranges need 256
     assert triton_mla.num_splits(128, 16384, 32)[0] == 2
     assert triton_mla.num_splits(512, 100_000, 32)[0] == 1
     assert triton_mla.num_splits(1, 100, 32) == (1, 128)

@@ -22,7 +22,9 @@ from .mla import absorb_weights
 BLOCK_H = 16  # heads per program: tl.dot needs at least 16 rows (the real model has 16 heads)
 TILE_BYTES = 32 * 1024  # bytes of one latent tile: two pipeline stages stay well inside shared memory
 SPLIT_PROGRAMS = 264  # programs to aim for when splitting the cached slots: two per multiprocessor of an H100/H200
-MIN_SPLIT_SLOTS = 256  # slots per split at least: shorter ranges cost more in partials than they save
+# slots per split at least: on an H200 the batch-1 A3B step over 1k cached tokens took 5.13 ms with 256, 4.86 with
+# 128 and 4.87 with 64 (gpu_check's profile section, 2026-12-04); shorter ranges only add partials to merge
+MIN_SPLIT_SLOTS = 128
 
 
 @triton.jit

@@ -476,6 +476,22 @@ def build_random(cfg: KimiVLConfig, device: torch.device, dtype: torch.dtype) ->
     return model
 
 
+def primed_step(lm, batch: int, context: int, slots: int, gen: torch.Generator):
+    """The model's captured decode step for `batch` rows over a cache of `slots` holding `context` random latents,
+    run once (warm-up and capture; it writes slot `context`, which later calls rewrite) -> (step, token, pos)."""
+    param = lm.lm_head.weight
+    step = decoder_step(lm, batch, slots, param.device, param.dtype)
+    cache = step.cache
+    cache.latent[:, :, :context].normal_(generator=gen)
+    cache.k_pe[:, :, :context].normal_(generator=gen)
+    cache.valid[:, :context] = True
+    cache.length = context
+    token = torch.randint(0, 1000, (batch,), device=param.device, generator=gen)
+    pos = torch.full((batch, 1), context, device=param.device)
+    step(token, pos, context)
+    return step, token, pos
+
+
 def decode_bytes(t, batch: int, context: int, itemsize: int) -> float:
     """Bytes one decode step must read: every weight it uses once (experts touched by `batch` tokens under uniform
     routing, in expectation) and the cached latents."""
@@ -530,15 +546,8 @@ def a3b(sec: Section, p: Profile, device: torch.device, limits: Limits, deadline
                 if time.perf_counter() > deadline:
                     sec.notes.append(f"decode B={B} context={context}: skipped, out of time budget")
                     continue
-                step = decoder_step(lm, B, context + p.decode_steps + 4, device, dtype)
+                step, token, pos = primed_step(lm, B, context, context + p.decode_steps + 4, gen)
                 cache = step.cache
-                cache.latent[:, :, :context].normal_(generator=gen)
-                cache.k_pe[:, :, :context].normal_(generator=gen)
-                cache.valid[:, :context] = True
-                cache.length = context
-                token = torch.randint(0, 1000, (B,), device=device, generator=gen)
-                pos = torch.full((B, 1), context, device=device)
-                step(token, pos, context)  # warm-up and capture (writes slot `context`, which the replays rewrite)
                 graph_s = seconds_per_call(lambda i: step(token, pos, context), device, repeats=5, warmup=1,
                                            min_seconds=0.02)
                 limit = limits.time(decode_bytes(t, B, context, dtype.itemsize))
@@ -614,15 +623,7 @@ def profile(sec: Section, p: Profile, device: torch.device, limits: Limits) -> N
     context = p.decode_contexts[0]
 
     def graphed_step(B: int) -> float:
-        step = decoder_step(lm, B, context + 64, device, dtype)
-        cache = step.cache
-        cache.latent[:, :, :context].normal_(generator=gen)
-        cache.k_pe[:, :, :context].normal_(generator=gen)
-        cache.valid[:, :context] = True
-        cache.length = context
-        token = torch.randint(0, 1000, (B,), device=device, generator=gen)
-        pos = torch.full((B, 1), context, device=device)
-        step(token, pos, context)
+        step, token, pos = primed_step(lm, B, context, context + 64, gen)
         seconds = seconds_per_call(lambda i: step(token, pos, context), device, repeats=5, min_seconds=0.02)
         release_graphs(lm)
         return seconds

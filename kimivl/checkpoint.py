@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .config import KimiVLConfig
 from .errors import CheckpointError, InputError, KimiVLError
+from .generation import GENERATION_CONFIG_NAME, CheckpointGeneration
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -226,6 +227,10 @@ def write_safetensors(file: Path, tensors: dict[str, torch.Tensor | TensorSource
 
 # ---- reading a checkpoint directory -----------------------------------------------------------------------------
 KEEP_FLOAT32 = (".e_score_correction_bias",)  # router biases stay float32 whatever the model dtype, as in DeepSeek-V3
+# Stored in the published Kimi-VL shards (27 float32 [32] tensors) but no parameter: the rotary frequencies, which the
+# model recomputes. Accepted and ignored by loading, verify and inspect, as the published modeling code does; the
+# rewriting tools do not carry them over.
+IGNORED = re.compile(r"language_model\.model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
 @dataclass
@@ -239,6 +244,11 @@ class Layout:
     where: dict[str, str]  # each tensor found -> the file holding it
     expected: dict[str, tuple[int, ...]]  # the tensors the config implies, in module order
     problems: list[str]
+
+    @property
+    def ignored(self) -> list[str]:
+        """Stored tensors that are no parameter and are skipped (the published rotary buffers: IGNORED)."""
+        return [k for k in self.where if k not in self.expected and IGNORED.fullmatch(k)]
 
     def file(self, name: str) -> Path:
         return self.path / self.where[name]
@@ -357,6 +367,8 @@ def locate_tensors(headers: dict[str, dict[str, TensorInfo]], expected: dict[str
                 problems.append(f"{key}: stored twice, in {where[key]} and {f}")
                 continue
             where[key] = f
+            if key not in expected and IGNORED.fullmatch(key):
+                continue
             if key not in expected:
                 problems.append(f"{key} in {f}: unexpected tensor (not part of this config's model)")
                 continue
@@ -404,6 +416,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
              for name, t in model.state_dict().items()}
     read_into(state, layout, f"load {Path(path).name}", progress)
     model.load_state_dict(state, assign=True, strict=True)
+    model.generation_config = CheckpointGeneration.read(path)
     return model.eval()
 
 
@@ -424,8 +437,8 @@ def read_into(state: dict[str, torch.Tensor], layout: Layout, desc: str = "load"
 # ---- saving -----------------------------------------------------------------------------------------------------
 def save(model, path: str | os.PathLike, max_shard_size: int | str = "5GB",
          state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write config.json and the weights under their official names, sharded with an index when they exceed
-    max_shard_size. `state_dict` (the model's own names) replaces the model's tensors, e.g. LoRA-merged weights.
+    """Write config.json (and generation_config.json when the model was loaded with one) and the weights under their
+    official names, sharded with an index when they exceed max_shard_size. `state_dict` (the model's own names) replaces the model's tensors, e.g. LoRA-merged weights.
 
     Everything is first written to a staging folder inside `path`. Publishing removes the old entry point (index or
     single file) first and puts the new one in place last, so an interrupted save never leaves a directory that
@@ -444,11 +457,16 @@ def save(model, path: str | os.PathLike, max_shard_size: int | str = "5GB",
         config.torch_dtype = config.vision_config.torch_dtype = config.text_config.torch_dtype = \
             str(model.dtype).removeprefix("torch.")
         config.to_json(stage / "config.json")
+        extra = []
+        if getattr(model, "generation_config", None) is not None:
+            extra = [GENERATION_CONFIG_NAME]
+            (stage / GENERATION_CONFIG_NAME).write_text(json.dumps(model.generation_config.raw, indent=2) + "\n",
+                                                        encoding="utf-8")
         for f in stage.iterdir():
             os.chmod(f, 0o644)
         for old_entry in (INDEX_NAME, SINGLE_NAME):
             (path / old_entry).unlink(missing_ok=True)
-        for name in ["config.json", *(n for n in names if n != entry), entry]:
+        for name in ["config.json", *extra, *(n for n in names if n != entry), entry]:
             os.replace(stage / name, path / name)
         for stale in previous - set(names):
             (path / stale).unlink(missing_ok=True)

@@ -72,16 +72,19 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer files)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="at most this many new tokens (default 512)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); e.g. 0.2 Instruct, "
-                   "0.6-0.8 Thinking")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the checkpoint's generation_config.json, "
+                   "e.g. 0.2 for Instruct; greedy without one)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (1 = off; default as --temperature)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = off; default as "
+                   "--temperature)")
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--system", help="system prompt (default: the chat format's 'You are a helpful assistant')")
+    p.add_argument("--exif-orientation", action="store_true",
+                   help="turn images by their EXIF orientation tag (the published processor does not)")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -102,29 +105,65 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from .generation import GenerationConfig
+    from .generation import CheckpointGeneration, GenerationConfig
     from .model import KimiVLForConditionalGeneration
     from .processing import KimiVLProcessor
 
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop_strings=args.stop)
-    config.validate()
     if not Path(args.model).is_dir():
         raise InputError(f"--model {args.model} is not a directory")
+    checkpoint = CheckpointGeneration.read(args.model)  # its sampling defaults; explicit flags win
+    given = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p))
+             if v is not None}
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, seed=args.seed, stop_strings=args.stop,
+                              **((checkpoint.sampling if checkpoint else {}) | given))
+    config.validate()  # before the (slow) model load
     processor = KimiVLProcessor.from_pretrained(args.model)
     model = KimiVLForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    if checkpoint and not given:
+        print(f"[sampling as the checkpoint's generation_config.json says: {checkpoint.describe()}; --temperature 0 "
+              "for greedy]", file=sys.stderr)
     return model, processor, config
 
 
+class ThinkingSplit:
+    """Streams a Thinking model's ◁think▷...◁/think▷ part to stderr and the answer to stdout (text without the
+    markers goes to stdout), holding back a tail that may be the start of a marker."""
+
+    def __init__(self):
+        self.text, self.shown = "", [0, 0]  # characters of (thinking, answer) printed so far
+
+    def push(self, delta: str, final: bool = False) -> None:
+        from .generation import held_back
+        from .tokenizer import THINK_END, THINK_START
+
+        self.text += delta
+        ready = self.text if final else self.text[:len(self.text) - held_back(self.text, (THINK_START, THINK_END))]
+        start = ready.find(THINK_START)
+        if start < 0:
+            thinking, answer = "", ready
+        else:
+            body = ready[start + len(THINK_START):]
+            end = body.find(THINK_END)
+            thinking, answer = (body, "") if end < 0 else (body[:end], ready[:start] + body[end + len(THINK_END):])
+        for i, (part, stream) in enumerate(((thinking, sys.stderr), (answer, sys.stdout))):
+            if len(part) > self.shown[i]:
+                print(part[self.shown[i]:], end="", flush=True, file=stream)
+                self.shown[i] = len(part)
+
+
 def _answer(model, processor, messages: list[dict], config, no_stream: bool = False) -> str:
-    """Run one turn, printing the answer (streamed unless no_stream) and the speed on stderr."""
+    """Run one turn, printing the answer (streamed unless no_stream; a Thinking model's reasoning to stderr) and the
+    speed on stderr."""
     from .generation import stream
 
-    out = stream(model, processor, messages, config=config)
+    out, split = stream(model, processor, messages, config=config), ThinkingSplit()
     for delta in out:
         if not no_stream:
-            print(delta, end="", flush=True)
-    print(out.text if no_stream else "", flush=True)
+            split.push(delta)
+    split.push(out.text if no_stream else "", final=True)
+    if split.shown[0]:
+        print(file=sys.stderr)
+    print(flush=True)
     s = out.stats
     print(f"[prefill {s.prompt_tokens} tokens at {s.prefill_tokens_per_second:.1f} tok/s, decode {s.new_tokens} "
           f"tokens at {s.decode_tokens_per_second:.1f} tok/s, stopped: {out.finish_reason}]", file=sys.stderr)
@@ -147,7 +186,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     if not args.prompt.strip():
         raise InputError("--prompt is empty")
-    images = [load_image(path) for path in args.image]  # decoded once, before the (slow) model load
+    images = [load_image(path, args.exif_orientation) for path in args.image]  # decoded before the model loads
     model, processor, config = _load(args)
     _answer(model, processor, _system(args) + [_user_message(args.prompt, images)], config, args.no_stream)
 
@@ -177,7 +216,7 @@ def _chat(args: argparse.Namespace) -> None:
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
             try:
-                images.append(load_image(path))
+                images.append(load_image(path, args.exif_orientation))
             except InputError as e:
                 print(f"error: {e}", file=sys.stderr)
             continue

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import codecs
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
@@ -42,6 +45,54 @@ class GenerationConfig:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.stop_strings, str):
             raise InputError(f"stop_strings must be a list of strings, got the string {self.stop_strings!r}")
+
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+@dataclass
+class CheckpointGeneration:
+    """A checkpoint's `generation_config.json`, read with transformers' GenerationConfig semantics: the ids that end
+    generation, the padding id, and the sampling defaults (do_sample false or absent: greedy; true: temperature,
+    top_k and top_p, each transformers' default 1.0 / 50 / 1.0 where the file leaves it out). `raw` is the file as
+    read, written back unchanged by save_pretrained."""
+
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+    sampling: dict[str, Any]  # GenerationConfig fields
+    raw: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "CheckpointGeneration | None":
+        """The checkpoint directory's generation_config.json, or None when it has none."""
+        from .errors import CheckpointError
+
+        file = Path(path) / GENERATION_CONFIG_NAME
+        if not file.is_file():
+            return None
+        try:
+            raw = json.loads(file.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
+            eos = raw.get("eos_token_id")
+            eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+                raise ValueError(f"eos_token_id must be an id or a list of ids, got {raw.get('eos_token_id')!r}")
+            sampling: dict[str, Any] = {"temperature": 0.0}
+            if raw.get("do_sample"):
+                sampling = {"temperature": float(raw.get("temperature", 1.0)), "top_k": int(raw.get("top_k", 50)),
+                            "top_p": float(raw.get("top_p", 1.0))}
+            GenerationConfig(**sampling).validate()
+        except (ValueError, TypeError, UnicodeDecodeError, InputError) as e:
+            raise CheckpointError(f"{file}: {e}") from None
+        pad = raw.get("pad_token_id")
+        return cls(list(eos), pad if isinstance(pad, int) else None, sampling, raw)
+
+    def describe(self) -> str:
+        """The sampling defaults in words, e.g. 'temperature 0.2, top_k 50, top_p 1'."""
+        if not self.sampling["temperature"]:
+            return "greedy"
+        return ", ".join(f"{k} {v:g}" for k, v in self.sampling.items())
 
 
 @dataclass
@@ -194,7 +245,7 @@ class RowText:
             self.finish_reason = "stop"
             return self.flush()
         self.token_ids.append(token)
-        if not self.tokenizer.is_special(token):
+        if not self.tokenizer.is_skipped(token):  # as decode(skip_special_tokens=True)
             self.text += self.decoder.decode(self.tokenizer.decode_bytes([token]))
         cut = stop_string_at(self.text, self.stop_strings)
         if cut is not None:  # the text ends before the stop string: bytes still pending in the decoder are dropped
@@ -246,6 +297,20 @@ class TextStream:
         return self._row.finish_reason
 
 
+def checkpoint_settings(model: "KimiVLForConditionalGeneration", settings: dict) -> GenerationConfig:
+    """GenerationConfig from `settings`, the model's checkpoint defaults (its generation_config.json) filling the
+    sampling fields not given."""
+    defaults = model.generation_config.sampling if model.generation_config else {}
+    return GenerationConfig(**(defaults | settings))
+
+
+def end_ids(model: "KimiVLForConditionalGeneration") -> list[int]:
+    """The ids that end generation by default: the checkpoint's generation_config.json eos_token_id when it ships
+    one, else config.json's."""
+    gen = model.generation_config
+    return gen.eos_token_ids if gen and gen.eos_token_ids else model.config.text_config.eos_token_ids
+
+
 def _setup(model: "KimiVLForConditionalGeneration", processor: "KimiVLProcessor", messages: Any, images: Any,
            config: GenerationConfig | None, settings: dict) -> tuple[dict, GenerationConfig, list[int]]:
     tok = processor.tokenizer
@@ -254,9 +319,9 @@ def _setup(model: "KimiVLForConditionalGeneration", processor: "KimiVLProcessor"
                          f"{model.config.text_config.vocab_size}: they do not belong together")
     if config is not None and settings:
         raise InputError(f"give either config or settings ({', '.join(settings)}), not both")
-    cfg = config or GenerationConfig(**settings)
+    cfg = config or checkpoint_settings(model, settings)
     inputs = processor(messages, images=images).to(model.device, dtype=model.dtype)
-    stop_ids = sorted(set(tok.stop_ids) | set(model.config.text_config.eos_token_ids))
+    stop_ids = sorted(set(tok.stop_ids) | set(model.config.text_config.eos_token_ids) | set(end_ids(model)))
     return inputs, cfg, stop_ids
 
 
@@ -264,7 +329,8 @@ def stream(model: "KimiVLForConditionalGeneration", processor: "KimiVLProcessor"
            images: Sequence[Any] | None = None, config: GenerationConfig | None = None, **settings: Any
            ) -> TextStream:
     """Answer one conversation, streaming: `for delta in stream(model, processor, messages, max_new_tokens=64)`.
-    Settings are GenerationConfig fields."""
+    Settings are GenerationConfig fields; those not given come from the checkpoint's generation_config.json when it
+    ships one (Instruct: temperature 0.2), else GenerationConfig's defaults (greedy)."""
     if not messages or not isinstance(messages[0], dict):
         raise InputError("stream takes one conversation (a list of messages); use generate for a batch")
     inputs, cfg, stop_ids = _setup(model, processor, messages, images, config, settings)
@@ -278,7 +344,8 @@ def generate(model: "KimiVLForConditionalGeneration", processor: "KimiVLProcesso
              messages: Sequence[dict] | Sequence[Sequence[dict]], *, images: Any = None,
              config: GenerationConfig | None = None, stats: GenerationStats | None = None, **settings: Any
              ) -> str | list[str]:
-    """Answer one conversation (-> str) or a batch of them (-> list[str], run together, left-padded)."""
+    """Answer one conversation (-> str) or a batch of them (-> list[str], run together, left-padded). Settings as
+    for `stream`."""
     single = bool(messages) and isinstance(messages[0], dict)
     inputs, cfg, stop_ids = _setup(model, processor, messages, images, config, settings)
     rows = [RowText(processor.tokenizer, stop_ids, cfg.stop_strings) for _ in range(inputs["input_ids"].shape[0])]

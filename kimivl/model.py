@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ from .config import KimiVLConfig
 from .decoder import DeepseekV3ForCausalLM, MoE
 from .errors import InputError
 from .vision import LN_EPS, MoonViT
+
+if TYPE_CHECKING:
+    from .generation import CheckpointGeneration
 
 
 class KimiVLMultiModalProjector(nn.Module):
@@ -45,6 +49,7 @@ class KimiVLForConditionalGeneration(nn.Module):
         self.vision_tower = MoonViT(config.vision_config)
         self.multi_modal_projector = KimiVLMultiModalProjector(config)
         self.language_model = DeepseekV3ForCausalLM(config.text_config)
+        self.generation_config: CheckpointGeneration | None = None  # the checkpoint's generation_config.json
 
     @property
     def device(self) -> torch.device:
@@ -116,14 +121,19 @@ class KimiVLForConditionalGeneration(nn.Module):
                  pixel_values: torch.Tensor | None = None, image_grid_hws: torch.Tensor | None = None, *,
                  stop_ids: list[int] | None = None, pad_id: int | None = None, **settings) -> torch.Tensor:
         """New token ids [B, n] for left-padded prompts, with the latent cache; settings are GenerationConfig fields
-        (max_new_tokens, temperature, top_k, top_p, seed). Rows stop at a stop id (default: the config's
-        eos_token_id; pass `processor.tokenizer.stop_ids` to stop at `<|im_end|>` too) and are then padded."""
-        from .generation import GenerationConfig, generate_tokens
+        (max_new_tokens, temperature, top_k, top_p, seed), the sampling ones defaulting to the checkpoint's
+        generation_config.json when it ships one (else greedy). Rows stop at a stop id (default: the checkpoint's
+        end ids, generation_config.json's eos_token_id or else config.json's; pass
+        `processor.tokenizer.stop_ids` to stop at `<|im_end|>` too) and are then padded with pad_id (default:
+        generation_config.json's pad_token_id, else config.json's)."""
+        from .generation import checkpoint_settings, end_ids, generate_tokens
 
-        t = self.config.text_config
+        gen, t = self.generation_config, self.config.text_config
+        if pad_id is None:
+            pad_id = gen.pad_token_id if gen and gen.pad_token_id is not None else (t.pad_token_id or 0)
         steps = generate_tokens(self, input_ids, attention_mask, pixel_values, image_grid_hws,
-                                GenerationConfig(**settings), t.eos_token_ids if stop_ids is None else stop_ids,
-                                (t.pad_token_id or 0) if pad_id is None else pad_id)
+                                checkpoint_settings(self, settings), end_ids(self) if stop_ids is None else stop_ids,
+                                pad_id)
         return torch.stack(list(steps), dim=1)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------

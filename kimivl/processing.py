@@ -31,9 +31,10 @@ def _describe(image: Any) -> str:
     return f"<{type(image).__name__}>"
 
 
-def load_image(image: Any) -> Image.Image:
-    """A PIL image, in its own mode, from a PIL image, a path, encoded bytes or a uint8 [H, W] / [H, W, C] array;
-    EXIF orientation applied. Missing files, undecodable data, decompression bombs and empty images raise
+def load_image(image: Any, exif_orientation: bool = False) -> Image.Image:
+    """A PIL image, in its own mode, from a PIL image, a path, encoded bytes or a uint8 [H, W] / [H, W, C] array.
+    The pixels are taken as stored, as the published processor does; `exif_orientation` turns them upright by the
+    EXIF orientation tag instead. Missing files, undecodable data, decompression bombs and empty images raise
     InputError naming the input."""
     name = _describe(image)
     if isinstance(image, (str, os.PathLike)) and not Path(image).is_file():
@@ -58,7 +59,8 @@ def load_image(image: Any) -> Image.Image:
             else:
                 img = Image.fromarray(image.numpy() if isinstance(image, torch.Tensor) else image)
             img.load()
-            img = ImageOps.exif_transpose(img)
+            if exif_orientation:
+                img = ImageOps.exif_transpose(img)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise InputError(f"image {name} is too large to decode safely (decompression bomb check): {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as e:
@@ -90,6 +92,7 @@ class KimiVLImageProcessor:
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # class defaults (OpenAI CLIP);
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)  # checkpoints override them
     max_patches_per_side: int = 512  # the official processor rejects grids the 2D RoPE table cannot cover
+    exif_orientation: bool = False  # not in the published processor, which ignores the tag (see load_image)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "KimiVLImageProcessor":
@@ -118,7 +121,7 @@ class KimiVLImageProcessor:
 
     def preprocess_one(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
         """-> patches [h*w, 3, p, p] float32 and the grid (h, w)."""
-        img = to_8bit(load_image(image))
+        img = to_8bit(load_image(image, self.exif_orientation))
         size = self.target_size(img.width, img.height)
         if size != img.size:
             img = img.resize(size, Image.Resampling.BICUBIC)  # in the source mode (PIL: P and 1 use nearest)
@@ -245,7 +248,7 @@ class KimiVLProcessor:
     def _encode(self, prompts: list[str], images: list[list[Any]]) -> ModelInputs:
         where = [f"conversation {n}: " if len(prompts) > 1 else "" for n in range(len(prompts))]
         for n, (prompt, imgs) in enumerate(zip(prompts, images)):
-            if len(imgs) != prompt.count(MEDIA_PAD):
+            if len(imgs) != prompt.count(MEDIA_PAD):  # deliberate: a typed <|media_pad|> with no image is refused
                 raise InputError(f"{where[n]}{prompt.count(MEDIA_PAD)} image slots in the prompt but {len(imgs)} "
                                  "images given")
             if None in imgs:

@@ -7,6 +7,7 @@ import base64
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -163,15 +164,40 @@ class KimiTokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id >= self.num_base_tokens
 
+    def is_skipped(self, token_id: int) -> bool:
+        """Dropped by decode(skip_special_tokens=True): a named special token."""
+        return token_id in self.named_specials
+
     # ---- text <-> ids ------------------------------------------------------------------------------------------
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Text -> ids. With allow_special, special-token strings in the text become their ids (official
-        behaviour); without it they are encoded as plain text."""
-        allowed: Any = "all" if allow_special else set()
+        behaviour); without it they are encoded as plain text.
+
+        As the published tokenizer (transformers' tokenize step, then tokenization_moonshot's encode): the text is
+        first split at the named special tokens (those of `added_tokens_decoder`), and each piece between them is
+        encoded in chunks whose runs of whitespace / non-whitespace stay under MAX_RUN_CHARS, so the template's
+        markers never count toward the length of a user's run."""
+        if not allow_special:
+            return self._encode_plain(text, set())
+        ids: list[int] = []
+        for n, piece in enumerate(self._named_split.split(text)):
+            if n % 2:  # the pattern's group: a named special token
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                ids += self._encode_plain(piece, "all")  # reserved names inside a piece still become their ids
+        return ids
+
+    def _encode_plain(self, text: str, allowed: Any) -> list[int]:
         ids: list[int] = []
         for chunk in _chunks(text):
             ids += self.encoding.encode(chunk, allowed_special=allowed, disallowed_special=())
         return ids
+
+    @functools.cached_property
+    def _named_split(self) -> re.Pattern:
+        """Splits text at the named special tokens, keeping them (as the pattern's one group)."""
+        names = sorted(self.named_specials.values(), key=len, reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else re.compile("(?!)()")
 
     def decode_bytes(self, ids: Sequence[int], skip_special_tokens: bool = False) -> bytes:
         ids = [int(i) for i in ids]
@@ -179,11 +205,13 @@ class KimiTokenizer:
         if bad:
             raise InputError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.vocab_size - 1}")
         if skip_special_tokens:
-            ids = [i for i in ids if not self.is_special(i)]
+            ids = [i for i in ids if i not in self.named_specials]
         return self.encoding.decode_bytes(ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        """Ids -> text; bytes that do not form valid UTF-8 (a character cut between tokens) become U+FFFD."""
+        """Ids -> text; bytes that do not form valid UTF-8 (a character cut between tokens) become U+FFFD.
+        Special ids read as their names; skip_special_tokens drops the named ones (`added_tokens_decoder`) and,
+        as the published tokenizer does, still prints the unnamed as `<|reserved_token_N|>`."""
         return self.decode_bytes(ids, skip_special_tokens).decode("utf-8", errors="replace")
 
     # ---- chat format -------------------------------------------------------------------------------------------

@@ -87,3 +87,96 @@ def test_readme_python_example_runs(tiny_checkpoint, capsys):
     code = code.replace('"runs/demo-tiny"', repr(tiny_checkpoint())).replace('"assets/sample.png"', repr(str(SAMPLE)))
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip()
+
+
+# ---- the checkpoint's generation_config.json, Thinking checkpoints -------------------------------------------------
+def checkpoint_copy(src: str, dst: Path, generation: dict | None = None, preprocessor: dict | None = None) -> str:
+    """A copy of checkpoint `src` with a generation_config.json and preprocessor settings changed."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    if generation is not None:
+        (dst / "generation_config.json").write_text(json.dumps(generation))
+    if preprocessor is not None:
+        settings = json.loads((dst / "preprocessor_config.json").read_text())
+        (dst / "preprocessor_config.json").write_text(json.dumps(settings | preprocessor))
+    return str(dst)
+
+
+def test_generation_config_sets_the_defaults(tiny_checkpoint, tmp_path):
+    """A shipped generation_config.json gives generate's sampling defaults (do_sample: transformers' top_k 50 and
+    top_p 1 where it is silent), its eos ids stop model.generate without the caller naming them and its pad id pads;
+    explicit settings win; save_pretrained keeps the file."""
+    import torch
+
+    from kimivl.generation import GenerationConfig, generate_tokens
+
+    plain = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint())
+    processor = KimiVLProcessor.from_pretrained(tiny_checkpoint())
+    inputs = processor([[{"role": "user", "content": "Say something."}], [{"role": "user", "content": "Hi"}]])
+    greedy = plain.generate(**inputs, max_new_tokens=8, stop_ids=[]).tolist()
+    stop = greedy[0][2]  # the checkpoint's end id: greedy decoding reaches it at step 2 of row 0 only
+    assert stop not in greedy[0][:2] + greedy[1]
+    path = checkpoint_copy(tiny_checkpoint(), tmp_path / "ckpt", {"eos_token_id": [stop], "pad_token_id": 7,
+                                                                  "do_sample": True, "temperature": 0.7})
+    model = KimiVLForConditionalGeneration.from_pretrained(path)
+    assert model.generation_config.sampling == {"temperature": 0.7, "top_k": 50, "top_p": 1.0}
+    out = model.generate(**inputs, max_new_tokens=8, temperature=0).tolist()  # explicit greedy wins
+    assert out == [greedy[0][:3] + [7] * 5, greedy[1]]
+    sampled = model.generate(**inputs, max_new_tokens=8, stop_ids=[], seed=3)
+    spelled = torch.stack(list(generate_tokens(model, **inputs, config=GenerationConfig(
+        max_new_tokens=8, temperature=0.7, top_k=50, seed=3))), 1)
+    assert sampled.tolist() == spelled.tolist() and sampled.tolist() != greedy
+    model.save_pretrained(tmp_path / "saved")
+    assert KimiVLForConditionalGeneration.from_pretrained(tmp_path / "saved").generation_config == \
+        model.generation_config
+
+
+def test_generate_cli_follows_the_generation_config(tiny_checkpoint, tmp_path, capsys):
+    path = checkpoint_copy(tiny_checkpoint(), tmp_path / "ckpt", {"eos_token_id": 1025, "do_sample": True,
+                                                                  "temperature": 0.2})
+    args = ["generate", "--model", path, "--prompt", "hi", "--max-new-tokens", "4", "--seed", "1"]
+    assert main(args) == 0
+    assert "sampling as the checkpoint's generation_config.json says: temperature 0.2, top_k 50, top_p 1" in \
+        capsys.readouterr().err
+    assert main(args + ["--temperature", "0"]) == 0
+    greedy = capsys.readouterr()
+    assert "sampling as" not in greedy.err
+    assert main(["generate", "--model", tiny_checkpoint(), "--prompt", "hi", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == greedy.out  # no generation config: greedy, as before
+    (Path(path) / "generation_config.json").write_text('{"do_sample": true, "temperature": -1}')
+    assert main(args) == 1
+    assert "generation_config.json: temperature must be a number >= 0" in capsys.readouterr().err
+
+
+def test_generate_on_a_thinking_2506_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    """Thinking-2506 ships in_token_limit 16384 (3.2 million pixels an image, 4x Instruct's 4096 patches) and samples
+    by default: a 1792 x 1792 image keeps its full 128 x 128 patch grid, and `kimivl generate` answers."""
+    from kimivl.processing import KimiVLImageProcessor
+
+    path = checkpoint_copy(tiny_checkpoint(), tmp_path / "thinking", {"eos_token_id": [1025], "do_sample": True,
+                                                                      "temperature": 0.8},
+                           {"in_token_limit": 16384})
+    assert KimiVLImageProcessor.from_pretrained(path).target_size(1792, 1792) == (1792, 1792)
+    assert KimiVLImageProcessor.from_pretrained(tiny_checkpoint()).target_size(1792, 1792) == (896, 896)
+    assert main(["generate", "--model", path, "--image", str(SAMPLE), "--prompt", "Think, then answer.",
+                 "--max-new-tokens", "6", "--seed", "0"]) == 0
+    assert "temperature 0.8" in capsys.readouterr().err
+
+
+def test_thinking_is_streamed_to_stderr_and_the_answer_to_stdout(capsys):
+    """The ◁think▷...◁/think▷ part goes to stderr, the answer to stdout, even with the markers cut between
+    deltas; text without markers is all answer."""
+    from kimivl.cli import ThinkingSplit
+
+    split = ThinkingSplit()
+    for delta in ["◁th", "ink▷Two and ", "two◁/", "think", "▷ make ", "four."]:
+        split.push(delta)
+    split.push("", final=True)
+    out = capsys.readouterr()
+    assert (out.err, out.out) == ("Two and two", " make four.")
+    plain = ThinkingSplit()
+    plain.push("◁ a triangle ◁")  # a marker's first character, held back until the end
+    plain.push("", final=True)
+    assert capsys.readouterr().out == "◁ a triangle ◁"

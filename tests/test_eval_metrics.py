@@ -5,6 +5,7 @@ import pytest
 from kimivl.eval.data import Sample, circular_expand
 from kimivl.eval.errors import DataError, EvalError
 from kimivl.eval.metrics import (anls, choice_record, evaluate, get_metric, levenshtein, mmbench_choice, mmmu_choice,
+                                 mmmu_key_responses, mmmu_normalize, mmmu_numbers, mmmu_open_correct, mmmu_open_parse,
                                  ocr_record, ocrbench_hit, relaxed_accuracy, relaxed_correct, vqa_accuracy,
                                  vqa_normalize)
 
@@ -183,6 +184,68 @@ def test_unparsable_choice_is_a_seeded_random_pick():
              for i in range(40)}
     assert picks == set(ABCD)  # draws differ across samples
     assert choice_record(s, "B", mmmu_choice, 42) == {"score": 1.0, "choice": "B", "random": False}
+
+
+# ---- MMMU open questions ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("response, keys", [
+    ("so the answer is 3.50", ["3.50"]),             # the shortest tail: after "is ", not after "so " or "answer "
+    ("The answer is the mitochondria.", ["the mitochondria"]),  # lower-cased, the final "." stripped
+    ("x = 5", ["5"]),                                # "=" counts in the last line ...
+    ("Step 1: a = 5\nb = 7", ["7"]),                 # ... and only there
+    ("This is red\nso blue", ["red", "blue"]),       # every line contributes; "this " contains "is "
+    ("It is 5. The end", ["5. the end"]),            # sentences are never split (MMMU splits after lower-casing)
+    ("No idea", ["no idea"]),                        # no indicator: the whole response
+    ("The result is ?", ["the result is ?"]),        # a lone punctuation mark is dropped
+])
+def test_mmmu_key_responses(response, keys):
+    assert mmmu_key_responses(response) == keys
+
+
+def test_mmmu_numbers():
+    # in pattern order: thousands separators, scientific notation, plain numbers; the patterns overlap
+    assert mmmu_numbers("2.5e3 and 1,000 or -.5") == ["1,000", "2.5e3", "2", "3", "000", "-.5"]
+    assert mmmu_numbers("no digits here") == []
+
+
+@pytest.mark.parametrize("text, norm", [
+    ("3.50", [3.5]), (" 1,000 ", [1000.0]), ("3.456", [3.46]), ("1e3", [1000.0]), ("1,2", [12.0]),
+    ("Paris", ["paris"]), ("B", [" b", "b "]),      # one character: padded both ways
+])
+def test_mmmu_normalize(text, norm):
+    assert mmmu_normalize(text) == norm
+
+
+@pytest.mark.parametrize("response, answers, parsed, right", [
+    ("so the answer is 3.50", ["3.5"], [3.5], True),                      # a number inside a sentence
+    ("1,000", ["1000"], [1000.0, 0.0], True),                              # thousands separator
+    ("1,000", ["0"], [1000.0, 0.0], True),                                 # quirk: "000" is extracted too
+    ("The answer is the mitochondria.", ["Mitochondria"], ["the mitochondria"], True),  # gold text contained
+    ("The answer is the nucleus.", ["Mitochondria"], ["the nucleus"], False),
+    ("The ratio is 3.43", ["24/7", "3.429"], [3.43], True),                # a list of golds; 3.429 rounds to 3.43
+    ("it is 24/7", ["24/7", "3.429"], ["24/7", 24.0, 7.0], True),
+    ("The answer is three and a half", ["3.5"], ["three and a half"], False),  # no number for a numeric gold
+    ("Avogadro's number is 6.02E23", ["6.02e23"], [6.02e23, 6.0, 23.0], True),  # scientific notation
+    ("the result is 2.5e3", ["2500"], [2500.0, 2.0, 3.0], True),
+    ("the result is 1.5e-3", ["0.004"], [0.0, 1.0, -3.0], True),           # both round to 0.00
+    ("The answer is B", ["B"], [" b", "b "], True),                        # one character, padded on both sides
+    ("The answer is bar", ["B"], ["bar"], False),                          # ... so it does not match inside words
+    ("Step 1: a = 5\nb = 7", ["5"], [7.0], False),
+])
+def test_mmmu_open(response, answers, parsed, right):
+    assert mmmu_open_parse(response) == parsed
+    assert mmmu_open_correct(parsed, answers) is right
+
+
+def test_mmmu_metric_scores_open_and_multiple_choice_questions():
+    samples = [Sample("0", "q", ["B"], options=dict(ABCD)), Sample("1", "q", ["3.5"]),
+               Sample("2", "q", ["24/7", "3.429"]), Sample("3", "q", ["Paris"])]
+    preds = {"0": "(B)", "1": "so the answer is 3.50", "2": "It is 3.4", "3": "The capital is paris."}
+    overall, _, records = evaluate(get_metric("mmmu"), samples, preds)
+    assert records == [{"score": 1.0, "choice": "B", "random": False}, {"score": 1.0, "parsed": [3.5]},
+                       {"score": 0.0, "parsed": [3.4]}, {"score": 1.0, "parsed": ["paris"]}]
+    assert overall == {"n": 4, "score": 75.0, "random_picks": 0, "no_option": 0}
+    with pytest.raises(DataError, match="sample 9: an open question .* needs non-empty answers"):
+        get_metric("mmmu").score(Sample("9", "q", [" "]), "x")  # a blank answer would match every prediction
 
 
 def test_choice_record_rejects_bad_samples():

@@ -143,6 +143,37 @@ def test_cli_multiple_choice_circular_with_echo(tmp_path, capsys):
     assert "random_picks" in capsys.readouterr().out
 
 
+def test_cli_mmmu_scores_open_questions(tmp_path, capsys):
+    """`--metric mmmu` on a file mixing a multiple-choice question with open ones (no options): every question is
+    scored, the open ones as MMMU's eval_open does (the oracle answers with the first ground truth)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    png = buf.getvalue()
+    samples = [Sample("0", "Which?", ["B"], [png], options={"A": "yes", "B": "no"}, category="mc"),
+               Sample("1", "How far?", ["1,000"], [png], category="open"),
+               Sample("2", "Ratio?", ["3.429", "24/7"], [png], category="open"),
+               Sample("3", "Capital?", ["Paris"], [png], category="open")]
+    data = write_tsv(samples, tmp_path / "mmmu.tsv")
+    out = tmp_path / "out"
+    assert main(["eval", "--model", "stub:oracle", "--data", str(data), "--metric", "mmmu", "--out", str(out),
+                 "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["overall"] == {"n": 4, "score": 100.0, "random_picks": 0, "no_option": 0}
+    assert report["categories"]["open"]["n"] == 3
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [r.get("parsed") for r in scores] == [None, [1000.0, 0.0], [3.43], ["paris"]]
+
+    class Student:
+        settings: dict = {}
+
+        def predict(self, batch):
+            return [{"0": "A", "1": "about 1000 m", "2": "so it is 3.42", "3": "the capital is paris"}[s.index]
+                    for s in batch]
+    report = run_eval(Student(), read_tsv(data), get_metric("mmmu"), tmp_path / "student", progress=False)
+    # "about 1000 m" has no indicator: the whole response is the key, 1000 is extracted from it; 3.42 != 3.43
+    assert report["overall"]["score"] == 50.0 and report["categories"]["open"]["score"] == pytest.approx(200 / 3)
+
+
 def test_cli_errors(tmp_path, data, capsys, tiny_checkpoint):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint("tiny"), ckpt)

@@ -14,6 +14,7 @@ from PIL import Image
 from kimivl import (CheckpointError, InputError, KimiTokenizer, KimiVLForConditionalGeneration, KimiVLImageProcessor,
                     KimiVLProcessor)
 from kimivl.tokenizer import PAT_STR, render_chat
+from kimivl.processing import load_image
 from weights_tools.tiny_tokenizer import CHAT_TEMPLATE
 
 SPEC_EXAMPLE = ("<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|><|im_user|>user<|im_middle|>"
@@ -89,15 +90,18 @@ def test_every_input_kind_gives_the_same_patches(tmp_path):
         assert torch.equal(patches, ref)
 
 
-def test_exif_orientation_is_applied():
+def test_exif_orientation_ignored_as_published_unless_asked():
+    """The published processor takes the pixels as stored (a JPEG tagged orientation 6 gives grid [4, 6] there);
+    exif_orientation=True turns it upright first."""
     img = gradient_image(60, 30)
     exif = img.getexif()
     exif[0x0112] = 6  # stored sideways: viewers rotate 90 degrees clockwise
     buf = io.BytesIO()
     img.save(buf, format="JPEG", exif=exif, quality=95)
-    _, grid = KimiVLImageProcessor().preprocess_one(buf.getvalue())
-    # 60 wide x 30 high, turned upright -> 30 x 60 -> padded to 56 x 84 -> 6 rows x 4 columns (unturned: 4 x 6)
-    assert grid == (6, 4)
+    # 60 wide x 30 high -> padded to 84 x 56 -> 4 rows x 6 columns; turned upright: 30 x 60 -> 6 rows x 4 columns
+    assert KimiVLImageProcessor().preprocess_one(buf.getvalue())[1] == (4, 6)
+    assert KimiVLImageProcessor(exif_orientation=True).preprocess_one(buf.getvalue())[1] == (6, 4)
+    assert load_image(buf.getvalue()).size == (60, 30) and load_image(buf.getvalue(), True).size == (30, 60)
 
 
 def palette_image(w: int, h: int) -> Image.Image:

@@ -122,6 +122,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"  {name:<8}{d['tensors']:>7,} tensors{d['parameters']:>17,} parameters{human(d['bytes']):>11}")
     lines.append(f"shards ({len(s['shards'])} files, {human(sum(f['bytes'] for f in s['shards']))})")
     lines += [f"  {f['file']:<36}{f['tensors']:>7,} tensors{human(f['bytes']):>11}" for f in s["shards"]]
+    if s["ignored"]:
+        lines.append(f"ignored: {s['ignored']} stored rotary buffers (inv_freq: no parameter, recomputed)")
     lines.append(f"problems: {s['problems']}" + (" (run verify to list them)" if s["problems"] else ""))
     return "\n".join(lines)
 

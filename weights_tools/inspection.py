@@ -28,8 +28,11 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     dtypes: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0})
     experts: dict[int, set[int]] = defaultdict(set)
     routed = 0
+    ignored = set(layout.ignored)
     for tensors in layout.headers.values():
         for name, info in tensors.items():
+            if name in ignored:
+                continue
             params[next((c for p, c in COMPONENTS.items() if name.startswith(p)), "other")] += info.numel
             params["embeddings"] += info.numel if name in EMBEDDINGS else 0
             d = dtypes[DTYPE_NAMES[info.dtype]]
@@ -62,5 +65,6 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "dtypes": dict(dtypes),
         "shards": [{"file": f, "tensors": len(tensors), "bytes": (layout.path / f).stat().st_size}
                    for f, tensors in layout.headers.items()],
+        "ignored": len(ignored),  # stored buffers that are no parameter (the published rotary frequencies)
         "problems": len(layout.problems),
     }

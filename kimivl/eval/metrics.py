@@ -4,11 +4,15 @@ Every metric scores one (sample, prediction) pair into a record {"score": value 
 list of records into a summary {"n", "score" (percent), ...extras}; `evaluate` does both, overall and per category.
 Sources, for the quirks kept on purpose:
   OCRBench    VLMEvalKit `OCRBench.evaluate` (vlmeval/dataset/image_vqa.py), as in the OCRBench repository.
-  VQA         the official VQA API (GT-Vision-Lab/VQA vqaEval.py), as VLMEvalKit's `process_answer` applies it.
-  ANLS        the DocVQA / InfographicVQA challenge evaluation script (Robust Reading Competition).
+  VQA         the official VQA API (GT-Vision-Lab/VQA vqaEval.py: processPunctuation, processDigitArticle), as
+              VLMEvalKit's `process_answer` long applied it; current VLMEvalKit keeps a "." after a digit (see
+              `vqa_normalize`).
+  ANLS        the DocVQA / InfographicVQA challenge evaluation script (Robust Reading Competition), which
+              VLMEvalKit's `anls_compute` follows (see `anls`).
   relaxed     pix2struct's `relaxed_correctness` (metrics.py), used by VLMEvalKit for ChartQA.
   mcq         VLMEvalKit's `can_infer` (vlmeval/utils/matching_util.py), the exact-matching stage of MMBench.
-  mmmu        MMMU's `parse_multi_choice_response` (MMMU-Benchmark/MMMU eval/eval_utils.py).
+  mmmu        MMMU's `parse_multi_choice_response`, `parse_open_response` and `eval_open` (MMMU-Benchmark/MMMU
+              eval/eval_utils.py, checked against commits 44b45b5 and bb91f23, identical in these functions).
 """
 
 from __future__ import annotations
@@ -130,6 +134,10 @@ def vqa_normalize(answer: str) -> str:
        digit is deleted -- at most 32 of them, because the harness passes re.UNICODE (= 32) as `count`.
     3. lower-case, split on whitespace, number words "none".."ten" to digits, drop the articles a / an / the, map
        apostrophe-less contractions ("dont") to their spelling ("don't"); join with single spaces.
+    This is the VQA API's rule, its look-behind typo included ("5. apples" -> "5 apples"), as VLMEvalKit applied it
+    for years. Current VLMEvalKit (`process_punctuation` in vlmeval/smp/misc.py) writes the look-behind correctly
+    and keeps a "." that follows a digit ("5. apples" -> "5. apples", "5." -> "5."); otherwise the two agree (it
+    still passes re.UNICODE as the count).
     """
     text = answer.replace("\n", " ").replace("\t", " ").strip()
     out = text
@@ -166,9 +174,11 @@ def anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
 
     NL = levenshtein(norm(g), norm(p)) / max(len(g), len(p)), norm = strip, lower-case, collapse whitespace.
     Quirks kept from the challenge's script: the denominator is the longer of the two strings *before*
-    normalisation (measured as `len(s.upper())`), so stray whitespace in a prediction enlarges it (VLMEvalKit
-    divides by the normalised lengths instead; the two agree on already-clean strings); a similarity of exactly 0.5
-    is kept (the paper states NL < 0.5, the script tests similarity < 0.5); two empty strings score 1.
+    normalisation (measured as `len(s.upper())`), so stray whitespace in a prediction enlarges it; a similarity of
+    exactly 0.5 is kept (the paper states NL < 0.5, the script tests similarity < 0.5); two empty strings score 1.
+    VLMEvalKit's `anls_compute` (vlmeval/dataset/utils/vqa_eval.py) divides by the raw lengths too, as we do; one
+    recent revision of it (commit 0a04a1d) divides by the normalised lengths instead, which differs on strings with
+    surrounding or repeated whitespace (and on the few characters whose upper case is longer, such as "ß").
     """
     det = " ".join(prediction.strip().lower().split())
     best = 0.0
@@ -298,11 +308,11 @@ def choice_record(sample: Sample, prediction: str, parse: Callable[[str, dict[st
 
 def _choice_summary(circular: bool) -> Callable[[list[Sample], list[Record]], Summary]:
     def summarize(samples: list[Sample], records: list[Record]) -> Summary:
-        """Accuracy, with the count of random picks and of "no option" (Z) answers. Circular: a question counts
-        only if every rotated copy is right (groups by index mod 1e6); `vanilla` is the accuracy on the unrotated
-        copies (index < 1e6)."""
-        out = {**_mean_summary(samples, records), "random_picks": sum(r["random"] for r in records),
-               "no_option": sum(r["choice"] == "Z" for r in records)}
+        """Accuracy, with the count of random picks and of "no option" (Z) answers (MMMU's open questions are
+        neither). Circular: a question counts only if every rotated copy is right (groups by index mod 1e6);
+        `vanilla` is the accuracy on the unrotated copies (index < 1e6)."""
+        out = {**_mean_summary(samples, records), "random_picks": sum(r.get("random", False) for r in records),
+               "no_option": sum(r.get("choice") == "Z" for r in records)}
         if circular:
             groups: dict[str, bool] = {}
             for s, r in zip(samples, records):
@@ -314,6 +324,90 @@ def _choice_summary(circular: bool) -> Callable[[list[Sample], list[Record]], Su
     return summarize
 
 
+# ---- MMMU open questions ------------------------------------------------------------------------------------------
+_MMMU_INDICATORS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
+_MMMU_TRIVIAL = (":", ",", ".", "!", "?", ";", "'")
+_MMMU_NUMBERS = (re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b"),  # thousands separators: 1,000
+                 re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+"),  # scientific notation: 6.02e23
+                 re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])"))  # plain: 3, 3.5, .5
+
+
+def mmmu_key_responses(response: str) -> list[str]:
+    """MMMU's `get_key_subresponses` (inside `parse_open_response`): where the answer probably is.
+
+    Strip, strip "." from both ends, lower-case, split into lines. In each line, take the text after the last
+    occurrence of each indicator ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ",
+    "result ", and "=" in the last line only), stripped, and keep the shortest; drop it when empty or a lone
+    punctuation mark. Every line contributes; when none does, the whole lower-cased response is the key.
+    Quirks kept: MMMU also splits at ". " before a capital letter, but only after lower-casing, so sentences are
+    never split, only lines; indicators match inside words ("this " contains "is "); an empty tail is replaced by
+    the next indicator's even when that one is longer.
+    """
+    text = response.strip().strip(".").lower()
+    lines = text.split("\n")
+    keys = []
+    for i, line in enumerate(lines):
+        best = None
+        for indicator in _MMMU_INDICATORS + (("=",) if i == len(lines) - 1 else ()):
+            if indicator in line:
+                tail = line.split(indicator)[-1].strip()
+                if not best or len(tail) < len(best):
+                    best = tail
+        if best and best not in _MMMU_TRIVIAL:
+            keys.append(best)
+    return keys or [text]
+
+
+def mmmu_numbers(text: str) -> list[str]:
+    """MMMU's `extract_numbers`: numbers with thousands separators, then in scientific notation, then plain ones
+    (each pattern over the whole text). Quirk kept: the patterns overlap and have no left boundary, so "1,000" also
+    yields "000" and "2.5e3" also yields "2" and "3"."""
+    return [m for pattern in _MMMU_NUMBERS for m in pattern.findall(text)]
+
+
+def mmmu_normalize(text: str) -> list[float | str]:
+    """MMMU's `normalize_str`: a number (Python's float() once commas are dropped: "1,000" -> 1000.0, "1e3",
+    "nan" and "1,2" -> 12.0 too) becomes that float rounded to 2 decimals; other text is lower-cased, and a
+    single character becomes two padded forms (" x", "x ") so it does not match inside words."""
+    text = text.strip()
+    try:
+        return [round(float(text.replace(",", "")), 2)]
+    except ValueError:
+        text = text.lower()
+        return [f" {text}", f"{text} "] if len(text) == 1 else [text]
+
+
+def mmmu_open_parse(response: str) -> list[float | str]:
+    """MMMU's `parse_open_response`: the key responses and the numbers found in them, each normalised, without
+    duplicates (MMMU returns a set; we keep first-seen order so that records are reproducible)."""
+    keys = mmmu_key_responses(response)
+    found = keys + [n for key in keys for n in mmmu_numbers(key)]
+    return list(dict.fromkeys(v for f in found for v in mmmu_normalize(f)))
+
+
+def mmmu_open_correct(parsed: list[float | str], answers: list[str]) -> bool:
+    """MMMU's `eval_open`: right when a parsed number equals a normalised ground truth (both rounded to 2
+    decimals), or a normalised text ground truth is a substring of a parsed text. Numbers never match text: a
+    numeric ground truth needs a number in the response ("three" does not match "3")."""
+    golds = [g for a in answers for g in mmmu_normalize(a)]
+    texts = [g for g in golds if isinstance(g, str)]
+    return any(any(g in p for g in texts) if isinstance(p, str) else p in golds for p in parsed)
+
+
+def mmmu_record(sample: Sample, prediction: str, seed: int) -> Record:
+    """One MMMU question: multiple choice when the sample has options (`mmmu_choice`, `choice_record`), open
+    otherwise (MMMU reads a `question_type` field; here a sample without options is open). An open record holds
+    the parsed predictions. Unlike MMMU, we refuse an open question with a blank ground truth, which MMMU would
+    count right for every response ("" is in every string)."""
+    if sample.options:
+        return choice_record(sample, prediction, mmmu_choice, seed)
+    if not sample.answers or not all(a.strip() for a in sample.answers):
+        raise DataError(f"sample {sample.index}: an open question (no options) needs non-empty answers, got "
+                        f"{sample.answers!r}; an empty answer would match every prediction")
+    parsed = mmmu_open_parse(prediction)
+    return {"score": float(mmmu_open_correct(parsed, sample.answers)), "parsed": parsed}
+
+
 # ---- registry -----------------------------------------------------------------------------------------------------
 MULTIPLE_CHOICE = ("mcq", "mmmu")
 METRICS = {  # name: (title, what it computes)
@@ -322,7 +416,8 @@ METRICS = {  # name: (title, what it computes)
     "anls": ("ANLS (DocVQA, InfoVQA)", "normalised Levenshtein similarity, threshold 0.5"),
     "relaxed": ("Relaxed accuracy (ChartQA)", "numbers within 5%, exact match otherwise"),
     "mcq": ("Multiple choice (MMBench matching)", "option letter or text extracted as MMBench does; --circular"),
-    "mmmu": ("Multiple choice (MMMU parsing)", "option letter extracted as MMMU does"),
+    "mmmu": ("MMMU (multiple choice and open)",
+             "option letter, or an open answer's numbers and text, extracted and matched as MMMU does"),
     "ocr": ("Plain OCR", "exact match and character error rate"),
 }
 
@@ -345,10 +440,12 @@ def get_metric(name: str, *, seed: int = 42, circular: bool = False) -> Metric:
         return Metric(name, title, lambda s, p: {"score": relaxed_accuracy(p, s.answers)}, _mean_summary)
     if name == "ocr":
         return Metric(name, title, lambda s, p: ocr_record(p, s.answers), _ocr_summary)
-    if name in MULTIPLE_CHOICE:
-        parse = mmbench_choice if name == "mcq" else mmmu_choice
+    if name == "mcq":
         return Metric(name, title + (" (circular)" if circular else ""),
-                      lambda s, p: choice_record(s, p, parse, seed), _choice_summary(circular))
+                      lambda s, p: choice_record(s, p, mmbench_choice, seed), _choice_summary(circular))
+    if name == "mmmu":
+        return Metric(name, title + (" (circular)" if circular else ""),
+                      lambda s, p: mmmu_record(s, p, seed), _choice_summary(circular))
     raise EvalError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)}")
 
 

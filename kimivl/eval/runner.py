@@ -117,7 +117,8 @@ class ModelPredictor:
 
         batch = [self.conversation(s) for s in samples]
         try:
-            texts = generate(self.model, self.processor, batch, max_new_tokens=self.max_new_tokens)
+            # greedy whatever the checkpoint's generation_config.json suggests: scores must repeat
+            texts = generate(self.model, self.processor, batch, max_new_tokens=self.max_new_tokens, temperature=0.0)
         except InputError:
             lengths = self.processor(batch)["attention_mask"].sum(-1).tolist()
             long = [f"{s.index} ({n} tokens)" for s, n in zip(samples, lengths)

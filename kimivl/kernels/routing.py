@@ -1,4 +1,8 @@
-"""MoE routing: router scores -> (expert ids, combine weights), the semantics of the official MoEGate (spec 8.2)."""
+"""MoE routing: router scores -> (expert ids, combine weights), the semantics of the published MoEGate (spec 8.2)
+but for one deliberate difference: group-limited routing masks the experts of dropped groups with -inf, as
+DeepSeek-V3's reference code and transformers' DeepseekV3 do, where the published Kimi-VL remote code fills them
+with 0.0 (so a dropped group's expert could still win when every kept score plus bias is negative). That only
+matters with n_group > 1, and every Kimi-VL checkpoint has n_group = 1."""
 
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ def route_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     Returns ids [T, k] (int64) and weights [T, k] (float32). Scores are sigmoid or softmax of float32 logits; the
     correction bias only steers the choice (noaux_tc), the weights are the unbiased scores, renormalised when
     k > 1 and norm_topk_prob, then multiplied by routed_scaling_factor. With n_group > 1 only the topk_group best
-    groups are eligible (group score = sum of its top-2 biased scores for noaux_tc, its max otherwise).
+    groups are eligible (group score = sum of its top-2 biased scores for noaux_tc, its max otherwise); the others'
+    experts are masked with -inf (the module docstring says how this differs from the published remote code).
     """
     logits = F.linear(x.float(), weight.float())  # [T, E]
     scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)

@@ -296,7 +296,7 @@ def sft(model, processor, out: Path, steps: int, lr: float, seed: int, batch_siz
         heldout: Path, resume: bool, tight: float = 0.0, warmup: int = 50):
     data = Reading(steps * batch_size, seed=seed, tight=tight)
     return train(model, processor, data, SFTConfig(
-        out=str(out), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup, weight_decay=0.0, seed=seed,
+        out=str(out), steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(warmup, steps // 10), weight_decay=0.0, seed=seed,
         freeze=freeze, save_every=max(steps // 4, 1), eval_data=str(heldout), eval_limit=60, resume=resume,
         progress=True))
 
@@ -373,7 +373,7 @@ def main() -> None:
 
     publish(previous, out / "model")
     report = run_benchmark(str(out / "model"), heldout, "ocr", out / "eval", progress=True)
-    (out / "summary.json").write_text(json.dumps({"timings_s": timings, "heldout": report["headline"],
+    (out / "summary.json").write_text(json.dumps({"timings_s": timings, "heldout": report["overall"],
                                                   "categories": report["categories"]}, indent=2) + "\n")
     print("stage wall times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()))
     print(f"held-out exact match {report['headline']['value']:.1f} (" + ", ".join(

@@ -48,9 +48,9 @@ from kimivl.eval import synthetic
 from kimivl.eval.runner import run_benchmark
 from kimivl.eval.synthetic import COLOURS, SyntheticSuite, in_split, write_synthetic
 from kimivl.model import init_weights
-from kimivl.train import SFTConfig, train
+from kimivl.train import SFTConfig, sample_conversation, train
 from kimivl.train.plot import plot_curves
-from kimivl.train.run import publish
+from kimivl.train.run import TrainConfig, optimizer_and_schedule, publish
 from weights_tools.tiny import write_checkpoint
 
 VOCAB = 256 + 256  # the 256 byte tokens (no merges) + Kimi's 256 special ids
@@ -139,12 +139,12 @@ def render_line(rng: random.Random, text: str, layout: str = "suite") -> tuple[I
     # the way Pillow's rotate(expand=True) does (counter-clockwise, y down), then moved to where the layer went
     left = font.getbbox(text)[0]
     a = math.radians(angle)
-    fcx, fcy, rcx, rcy = flat.width / 2, flat.height / 2, layer.width / 2, layer.height / 2
+    fcx, rcx, rcy = flat.width / 2, layer.width / 2, layer.height / 2
     centres = []
     for i, ch in enumerate(text):
         x = 2 - left + font.getlength(text[:i]) + font.getlength(ch) / 2
-        dx, dy = x - fcx, 0.0  # the line's vertical middle
-        centres.append((x0 + rcx + dx * math.cos(a) + dy * math.sin(a), y0 + rcy - dx * math.sin(a) + dy * math.cos(a)))
+        dx = x - fcx  # centres sit on the line's vertical middle
+        centres.append((x0 + rcx + dx * math.cos(a), y0 + rcy - dx * math.sin(a)))
     return synthetic._noisy(rng, image), centres
 
 
@@ -216,10 +216,8 @@ def train_glyphs(model, processor, out: Path, steps: int, batch_size: int, lr: f
     tower = model.vision_tower
     heads = GlyphHeads(model.config.vision_config.hidden_size)
     params = list(tower.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = min(100, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
-                                              0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(steps - warmup, 1))))
+    opt, sched = optimizer_and_schedule(params, TrainConfig(out=str(out), steps=steps, lr=lr,
+                                                            warmup_steps=min(100, steps // 10)))
     weights = {k: torch.ones(len(CHARS) + 2) for k in ("char", "prev", "next")}
     weights["index"] = torch.ones(MAX_INDEX + 1)
     for k in ("char", "prev", "next"):
@@ -260,9 +258,9 @@ def train_glyphs(model, processor, out: Path, steps: int, batch_size: int, lr: f
 
 # ---- stages 2-3: SFT ----------------------------------------------------------------------------------------------
 class Reading(Sequence):
-    """`n` conversations: one line of text (word / number / phrase, in the suite's rendering) asked with
-    `QUESTION` or the suite's question for its kind (a quarter with shapes beside the text), and, one time in `box_every`, a box question of the suite's
-    training split. A share `tight` of the text images are tightly cropped. Item i depends only on (seed, i)."""
+    """`n` conversations: one line of text (word / number / phrase, in the suite's rendering; a quarter with shapes
+    beside the text, a share `tight` tightly cropped) asked with `QUESTION` or the suite's question for its kind,
+    and, one time in `box_every`, a box question of the suite's training split. Item i depends only on (seed, i)."""
 
     def __init__(self, n: int, seed: int = 0, box_every: int = 5, tight: float = 0.0):
         self.n, self.seed, self.box_every, self.tight = n, seed, box_every, tight
@@ -277,10 +275,7 @@ class Reading(Sequence):
             raise IndexError(i)
         if self.box_every and i % self.box_every == self.box_every - 1:
             j = (i // self.box_every) * 5 + 3 + (i // self.box_every) % 2  # the suite's box_text / box_colour items
-            sample = self.boxes[j]
-            return [{"role": "user", "content": [{"type": "image", "image": sample.pil_images()[0]},
-                                                 {"type": "text", "text": sample.question}]},
-                    {"role": "assistant", "content": sample.answers[0]}]
+            return sample_conversation(self.boxes[j])
         rng = random.Random(f"reading:{self.seed}:{i}")
         kind = rng.choice(("word", "number", "phrase"))
         text = draw_text(rng, kind, self.words)

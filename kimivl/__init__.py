@@ -2,7 +2,7 @@
 
 from .cache import MLACache
 from .config import KimiVLConfig, TextConfig, VisionConfig
-from .errors import CheckpointError, ConfigError, InputError, KimiVLError
+from .errors import CheckpointError, ConfigError, InputError, KimiVLError, TrainingError
 from .generation import GenerationConfig, GenerationStats, generate, stream
 from .model import KimiVLForConditionalGeneration, KimiVLOutput
 from .processing import KimiVLImageProcessor, KimiVLProcessor
@@ -13,5 +13,5 @@ __all__ = [
     "KimiVLForConditionalGeneration", "KimiVLOutput", "MLACache",
     "KimiVLImageProcessor", "KimiTokenizer", "KimiVLProcessor", "split_thinking",
     "GenerationConfig", "GenerationStats", "generate", "stream",
-    "KimiVLError", "ConfigError", "CheckpointError", "InputError",
+    "KimiVLError", "ConfigError", "CheckpointError", "InputError", "TrainingError",
 ]

@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from .config import KimiVLConfig
+from . import fsutil
 from .errors import CheckpointError, InputError, KimiVLError
 from .generation import GENERATION_CONFIG_NAME, CheckpointGeneration
 
@@ -438,40 +438,59 @@ def read_into(state: dict[str, torch.Tensor], layout: Layout, desc: str = "load"
 def save(model, path: str | os.PathLike, max_shard_size: int | str = "5GB",
          state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json (and generation_config.json when the model was loaded with one) and the weights under their
-    official names, sharded with an index when they exceed max_shard_size. `state_dict` (the model's own names) replaces the model's tensors, e.g. LoRA-merged weights.
+    official names, sharded with an index when they exceed max_shard_size. `state_dict` (the model's own names)
+    replaces the model's tensors, e.g. LoRA-merged weights.
 
-    Everything is first written to a staging folder inside `path`. Publishing removes the old entry point (index or
-    single file) first and puts the new one in place last, so an interrupted save never leaves a directory that
-    loads as a mix of two models: it loads the old one, the new one, or fails with a clear error. Weight files of
-    the previous checkpoint that the new one does not use are then removed; other files are left alone.
+    The new version is built complete in a hidden folder beside `path` (other files already in `path`, such as the
+    tokenizer's, hard-linked or copied in; the old weight files left out), then swapped with `path` in one atomic
+    step (`fsutil.publish_dir`): killed at any instant, `path` holds the old model or the new one. What a killed
+    earlier save left beside `path` is removed first.
     """
     path, max_bytes = Path(path), parse_size(max_shard_size)
-    path.mkdir(parents=True, exist_ok=True)
-    previous = _weight_files(path)
-    stage = Path(tempfile.mkdtemp(prefix=".kimivl-save-", dir=path))
+    if path.is_symlink():
+        path = path.resolve()
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"cannot save a model to {path}: it is a file, not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fsutil.clean_stale(path)
+    stage = fsutil.staging_name(path)
+    stage.mkdir()
     try:
         names = write_shards(stage, to_official(model.state_dict() if state_dict is None else state_dict),
                              max_bytes)
-        entry = SINGLE_NAME if len(names) == 1 else INDEX_NAME
         config = copy.deepcopy(model.config)
         config.torch_dtype = config.vision_config.torch_dtype = config.text_config.torch_dtype = \
             str(model.dtype).removeprefix("torch.")
         config.to_json(stage / "config.json")
-        extra = []
         if getattr(model, "generation_config", None) is not None:
-            extra = [GENERATION_CONFIG_NAME]
             (stage / GENERATION_CONFIG_NAME).write_text(json.dumps(model.generation_config.raw, indent=2) + "\n",
                                                         encoding="utf-8")
         for f in stage.iterdir():
             os.chmod(f, 0o644)
-        for old_entry in (INDEX_NAME, SINGLE_NAME):
-            (path / old_entry).unlink(missing_ok=True)
-        for name in ["config.json", *extra, *(n for n in names if n != entry), entry]:
-            os.replace(stage / name, path / name)
-        for stale in previous - set(names):
-            (path / stale).unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if path.is_dir():
+            _carry_over(path, stage, skip=_weight_files(path) | {INDEX_NAME, SINGLE_NAME})
+        fsutil.publish_dir(stage, path)
+    except BaseException:
+        fsutil.remove(stage)
+        raise
+
+
+def _carry_over(old: Path, new: Path, skip: set[str]) -> None:
+    """Hard-link (or copy, where links fail) every entry of `old` that `new` does not already hold into `new`."""
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(src, dst, follow_symlinks=False)
+
+    for entry in old.iterdir():
+        target = new / entry.name
+        if entry.name in skip or os.path.lexists(target):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True, copy_function=link)
+        else:
+            link(str(entry), str(target))
 
 
 def write_shards(folder: Path, tensors: dict[str, torch.Tensor | TensorSource], max_shard_size: int | str

@@ -252,6 +252,7 @@ TRAIN_HELP = {
     "log_every": "metrics every N steps", "eval_data": "eval file scored at each checkpoint",
     "eval_metric": "metric for --eval-data", "eval_limit": "first N rows of --eval-data",
     "resume": "continue from the newest checkpoint in --out",
+    "max_skipped_steps": "steps with a NaN / infinite loss or gradient norm skipped before the run stops",
 }
 
 

@@ -15,3 +15,7 @@ class CheckpointError(KimiVLError):
 
 class InputError(KimiVLError, ValueError):
     """Arguments or inputs (ids, images, grids, dtypes, sizes) are invalid or inconsistent."""
+
+
+class TrainingError(KimiVLError):
+    """A training run cannot go on (its loss or gradients stopped being finite)."""

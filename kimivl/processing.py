@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import CheckpointError, InputError
+from .fsutil import write_text_atomic
 from .tokenizer import KimiTokenizer
 
 MEDIA_PAD = "<|media_pad|>"
@@ -209,7 +210,7 @@ class KimiVLProcessor:
         self.tokenizer.save_pretrained(path)
         settings = {"image_processor_type": "KimiVLImageProcessor", "processor_class": "KimiVLProcessor",
                     **dataclasses.asdict(self.image_processor)}
-        (Path(path) / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        write_text_atomic(Path(path) / "preprocessor_config.json", json.dumps(settings, indent=2) + "\n")
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import tiktoken
 
 from .errors import CheckpointError, InputError
+from .fsutil import write_text_atomic
 
 # Pre-tokenisation regex (spec 7): the alternatives in order, joined with "|".
 PAT_STR = "|".join([
@@ -65,7 +66,7 @@ def read_tiktoken_model(path: str | os.PathLike) -> dict[bytes, int]:
 
 def write_tiktoken_model(ranks: dict[bytes, int], path: str | os.PathLike) -> None:
     lines = (f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda t: t[1]))
-    Path(path).write_text("".join(lines))
+    write_text_atomic(Path(path), "".join(lines))
 
 
 def _token_name(value: Any) -> str | None:
@@ -134,9 +135,9 @@ class KimiTokenizer:
                   "added_tokens_decoder": {str(i): {"content": name, **entry}
                                            for i, name in sorted(self.named_specials.items())},
                   "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
-        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(path / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         if self.chat_template is not None:
-            (path / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+            write_text_atomic(path / "chat_template.jinja", self.chat_template)
 
     # ---- ids ---------------------------------------------------------------------------------------------------
     @property

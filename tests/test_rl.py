@@ -298,7 +298,7 @@ def test_micro_batches_give_the_same_step(tiny, algorithm):
         optimizer = torch.optim.SGD(params, lr=1e-2)  # (Adam would blow float-reordering noise in near-zero
         model.train()                                 # gradients up to full-size steps)
         stats = rl._optimize(model, ro, config, reference, head, rl.RunningMoments(), params, optimizer, micro,
-                             processor.tokenizer.pad_id)
+                             processor.tokenizer.pad_id, 0, [])
         results.append((stats, [p.detach().clone() for p in params]))
     (a, pa), (b, pb) = results
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from kimivl.checkpoint import (KEEP_FLOAT32, Layout, TensorInfo, TensorSource, parse_dtype, parse_size, read_chunks,
                                read_layout, write_shards)
 from kimivl.errors import InputError
+from kimivl.fsutil import clean_stale, copy_checkpoint_files, publish_dir, staging_name
 
 from .verify import all_finite
 
@@ -96,11 +96,13 @@ def write_checkpoint(layout: Layout, out: Path, tensors: dict[str, tuple[str, to
 
     tensors: output name -> (input name, output dtype), in output order. config: written as config.json, or None
     to copy the input's. Every other top-level file of the input that is not a weight file is copied, except those
-    matching a pattern in skip.
+    matching a pattern in skip and symlinks that lead out of the input folder (copy_checkpoint_files). The output
+    replaces OUT in one atomic swap (publish_dir); what a killed earlier run left beside OUT is removed first.
     """
     max_bytes = parse_size(max_shard_size)
     total = sum(layout.info(src).numel * dt.itemsize for src, dt in tensors.values())
-    stage = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    clean_stale(out)
+    stage = staging_name(out)
     stage.mkdir()
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc=out.name, disable=not progress) as bar:
@@ -108,11 +110,11 @@ def write_checkpoint(layout: Layout, out: Path, tensors: dict[str, tuple[str, to
                                  for k, (src, dt) in tensors.items()}, max_bytes)
         if config is not None:
             (stage / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        for f in sorted(layout.path.iterdir()):
-            if f.is_file() and not (config is not None and f.name == "config.json") and not any(
-                    fnmatch.fnmatch(f.name, p) for p in WEIGHT_PATTERNS + skip):
-                shutil.copyfile(f, stage / f.name)
-        _publish(stage, out)
+        copy_checkpoint_files(layout.path, stage, [
+            f.name for f in sorted(layout.path.iterdir())
+            if not (config is not None and f.name == "config.json")
+            and not any(fnmatch.fnmatch(f.name, p) for p in WEIGHT_PATTERNS + skip)])
+        publish_dir(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -133,23 +135,3 @@ def _chunks(layout: Layout, src: str, dtype: torch.dtype, bar: tqdm) -> Iterator
             chunk = cast
         bar.update(chunk.numel() * chunk.element_size())
         yield chunk
-
-
-def _publish(stage: Path, out: Path) -> None:
-    """Rename the finished stage to out, replacing what was there (a symlink: the link, not its target) only once
-    the new folder is in place."""
-    old = None
-    if os.path.lexists(out):
-        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-        os.replace(out, old)
-    try:
-        os.replace(stage, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        if old.is_symlink() or not old.is_dir():
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)

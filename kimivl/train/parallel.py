@@ -134,7 +134,9 @@ def export(checkpoint_dir: str | os.PathLike, out: str | os.PathLike) -> None:
     src = Path(checkpoint_dir)
     if not (src / "dcp").is_dir() or not (src / "trainer.pt").is_file():
         raise CheckpointError(f"{src} is not a sharded training checkpoint (no dcp/ folder or trainer.pt)")
-    saved = torch.load(src / "trainer.pt", weights_only=False)
+    from .run import load_trainer_state
+
+    saved = load_trainer_state(src / "trainer.pt")
     run = saved["config"]
     config = KimiVLConfig.from_json(src / "config.json")
     with torch.device("meta"):  # no random init of weights about to be overwritten

@@ -50,6 +50,7 @@ from . import parallel
 from .plot import plot_curves
 from .rewards import Reward, get_reward
 from .run import (TrainConfig, evaluate_checkpoint, newest_checkpoint, optimizer_and_schedule, prepare, prepare_out,
+                  step_is_finite,
                   publish, read_metrics, restore, save_checkpoint, step_indices, use_bf16)
 
 log = logging.getLogger(__name__)
@@ -592,6 +593,7 @@ def train(model: nn.Module, processor: KimiVLProcessor, samples: Sequence[Sample
     rewards_log: list[float] = []
     losses: list[float] = []
     saved: list[Path] = []
+    skipped: list[int] = []  # steps whose loss or gradient norm was not finite
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
     bar = tqdm(total=config.steps, initial=start, desc=config.algorithm, unit="step",
                disable=None if config.progress is None else not config.progress)
@@ -607,7 +609,7 @@ def train(model: nn.Module, processor: KimiVLProcessor, samples: Sequence[Sample
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
                 if not info.get("empty"):
                     record.update(_optimize(model, ro, config, reference, value_head, moments, params, optimizer,
-                                            micro_size, pad_id))
+                                            micro_size, pad_id, step, skipped))
             lr = scheduler.get_last_lr()[0]
             with warnings.catch_warnings():  # a step whose groups were all dropped made no optimizer step
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)`")
@@ -644,7 +646,8 @@ def train(model: nn.Module, processor: KimiVLProcessor, samples: Sequence[Sample
 
 
 def _optimize(model, ro: Rollouts, config: RLConfig, reference, value_head: ValueHead | None,
-              moments: RunningMoments, params: list, optimizer, micro_size: int, pad_id: int) -> dict:
+              moments: RunningMoments, params: list, optimizer, micro_size: int, pad_id: int, step: int,
+              skipped: list[int]) -> dict:
     """Advantages for the rollouts, then `epochs` optimizer steps over them; -> the step's statistics."""
     micro = batches(ro, micro_size, pad_id, model.device)
     mask = ro.mask
@@ -679,6 +682,7 @@ def _optimize(model, ro: Rollouts, config: RLConfig, reference, value_head: Valu
     totals = {"loss": 0.0, "clip_frac": 0.0, "value_loss": 0.0, "value_clip_frac": 0.0, "grad_norm": 0.0}
     n_tokens = float(mask.sum())
     for _ in range(config.epochs):
+        epoch_loss = 0.0
         for mb in micro:
             logp, values = response_forward(model, ro, mb, config.temperature, value_head)
 
@@ -695,10 +699,13 @@ def _optimize(model, ro: Rollouts, config: RLConfig, reference, value_head: Valu
                 totals["value_loss"] += float(v_loss.detach()) / config.epochs
                 totals["value_clip_frac"] += float(v_clipped[m].sum()) / n_tokens / config.epochs
             loss.backward()
+            epoch_loss += float(loss.detach())
             totals["loss"] += float(loss.detach()) / config.epochs
             totals["clip_frac"] += float(clipped[m].sum()) / n_tokens / config.epochs
-        totals["grad_norm"] += parallel.clip_grad_norm(params, config.grad_clip) / config.epochs
-        optimizer.step()
+        grad_norm = parallel.clip_grad_norm(params, config.grad_clip)
+        totals["grad_norm"] += grad_norm / config.epochs
+        if step_is_finite(epoch_loss, grad_norm, step, skipped, config):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if value_head is None:
         del totals["value_loss"], totals["value_clip_frac"]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import InputError
+from ..errors import InputError, TrainingError
 from . import parallel
 from .lora import apply_lora, is_lora_parameter, merged_state_dict
 
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 PARTS = {"vision": "vision_tower", "projector": "multi_modal_projector", "decoder": "language_model"}
 # Settings a resumed run may change; any other difference from the saved run is refused.
 RESUMABLE = {"out", "steps", "save_every", "log_every", "keep_checkpoints", "progress", "resume", "eval_data",
-             "eval_limit"}
+             "eval_limit", "max_skipped_steps"}
+SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1 (what torch's and Python's generators take whole)
 
 
 @dataclass
@@ -59,10 +60,19 @@ class TrainConfig:
     eval_limit: int | None = None
     resume: bool = False  # continue from the newest checkpoint in out (start fresh when there is none)
     progress: bool | None = None  # the progress bar; None: when stderr is a terminal
+    max_skipped_steps: int = 3  # steps whose loss or gradient norm is not finite are skipped (no update); one more
+    # than this stops the run with TrainingError, the last checkpoint untouched
 
     def problems(self, world: int) -> list[str]:
         """What is wrong with these settings for `world` processes (empty: nothing)."""
-        problems = []
+        problems = [f"{f.name} must be a finite number, got {getattr(self, f.name)}"
+                    for f in dataclasses.fields(self) if not _finite(getattr(self, f.name))]
+        if not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            problems.append(f"seed must be an integer in 0..2**63-1, got {self.seed}")
+        if self.max_skipped_steps < 0:
+            problems.append(f"max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            problems.append(f"out {self.out} is a file, not a folder")
         if self.steps < 1:
             problems.append(f"steps must be at least 1, got {self.steps}")
         if not 0 <= self.warmup_steps < self.steps + 1:
@@ -88,6 +98,29 @@ class TrainConfig:
         problems = self.problems(world)
         if problems:
             raise InputError("; ".join(problems))
+
+
+def _finite(value: Any) -> bool:
+    """False for a float (or a float in a tuple / list) that is NaN or infinite."""
+    if isinstance(value, (tuple, list)):
+        return all(_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def step_is_finite(loss: float, grad_norm: float, step: int, skipped: list[int], config: TrainConfig) -> bool:
+    """Whether optimizer step `step` (0-based) may be applied. A NaN / infinite loss or gradient norm skips it (the
+    caller drops the gradients; the weights and the optimizer state stay as they were) and is logged; more than
+    config.max_skipped_steps such steps in a run raise TrainingError, so nothing non-finite is saved or published."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return True
+    skipped.append(step + 1)
+    log.warning("step %d: loss %s, gradient norm %s: step skipped (%d of at most %d)", step + 1, loss, grad_norm,
+                len(skipped), config.max_skipped_steps)
+    if len(skipped) > config.max_skipped_steps:
+        raise TrainingError(f"the loss or gradient norm was not finite at steps {skipped}: stopped (more than "
+                            f"max_skipped_steps={config.max_skipped_steps}); the last checkpoint is the last good "
+                            "state: lower the learning rate, check the data, then resume")
+    return False
 
 
 # ---- what trains ----------------------------------------------------------------------------------------------------
@@ -240,7 +273,7 @@ def restore(path: Path, model, optimizer, scheduler, config: TrainConfig, dist: 
     """Load a checkpoint written by `save_checkpoint` into the model, optimizer, scheduler and RNGs; -> (step,
     seconds elapsed, the trainer's extra state). `before_optimizer(extra)` runs before the optimizer state is loaded
     (a trainer restoring parameters of its own that the optimizer holds)."""
-    state = torch.load(path / "trainer.pt", weights_only=False)
+    state = load_trainer_state(path / "trainer.pt")
     extra = state.get("extra", {})
     if dist.world > 1:
         parallel.load_sharded(path / "dcp", model, optimizer)
@@ -266,13 +299,37 @@ def restore(path: Path, model, optimizer, scheduler, config: TrainConfig, dist: 
     return int(state["step"]), float(state["elapsed"]), extra
 
 
+def load_trainer_state(file: Path) -> dict[str, Any]:
+    """A checkpoint's `trainer.pt`, read with torch's weights-only unpickler: tensors, numbers, strings and
+    containers only, so a crafted file cannot run code (it fails with CheckpointError instead)."""
+    from ..errors import CheckpointError
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file} is not a trainer state this project wrote (refused by the weights-only "
+                              f"loader, nothing in it was run): {first}") from None
+    if not isinstance(state, dict) or not {"step", "scheduler", "rng"} <= state.keys():
+        raise CheckpointError(f"{file} is not a trainer state this project wrote (no step, scheduler or rng)")
+    return state
+
+
 def publish(src: Path, dst: Path) -> None:
-    """Copy a checkpoint's model folder to `dst` through a temporary name, replacing what was there."""
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    """Copy a checkpoint's model folder to `dst` through a hidden sibling that replaces what was there in one atomic
+    swap (the old model or the new one at every instant)."""
+    from ..fsutil import clean_stale, publish_dir, remove, staging_name
+
+    clean_stale(dst)
+    tmp = staging_name(dst)
+    try:
+        shutil.copytree(src, tmp)
+        publish_dir(tmp, dst)
+    except BaseException:
+        remove(tmp)
+        raise
 
 
 def evaluate_checkpoint(checkpoint_dir: Path, config: TrainConfig) -> float:

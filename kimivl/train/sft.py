@@ -29,6 +29,7 @@ from .data import IGNORE, collate, encode
 from .lora import merge_lora
 from .plot import plot_curves
 from .run import (TrainConfig, evaluate_checkpoint, newest_checkpoint, optimizer_and_schedule, prepare, prepare_out,
+                  step_is_finite,
                   publish, read_metrics, restore, save_checkpoint, step_indices, use_bf16)
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ def train(model: torch.nn.Module, processor: KimiVLProcessor, data: Sequence[lis
     model.train()
     losses: list[float] = []
     saved: list[Path] = []
+    skipped: list[int] = []  # steps whose loss or gradient norm was not finite
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if dist.rank == 0 else None
     bar = tqdm(total=config.steps, initial=start, desc="sft", unit="step",
                disable=(dist.rank != 0) or (None if config.progress is None else not config.progress))
@@ -126,7 +128,9 @@ def train(model: torch.nn.Module, processor: KimiVLProcessor, data: Sequence[lis
                                               bf16, dist)
             grad_norm = parallel.clip_grad_norm(params, config.grad_clip)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            loss_value = dist.all_reduce_sum(ce_total)
+            if step_is_finite(loss_value, grad_norm, step, skipped, config):
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loads = None
@@ -134,7 +138,6 @@ def train(model: torch.nn.Module, processor: KimiVLProcessor, data: Sequence[lis
                 loads = {i: dist.all_reduce_sum(t) for i, t in balance.step_loads().items()}
                 if config.balance == "bias":
                     update_bias(model, loads, config.bias_update_speed)
-            loss_value = dist.all_reduce_sum(ce_total)
             aux_value = dist.all_reduce_sum(aux_total)
             losses.append(loss_value)
             seconds = time.perf_counter() - t0

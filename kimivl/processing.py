@@ -32,11 +32,12 @@ def _describe(image: Any) -> str:
     return f"<{type(image).__name__}>"
 
 
-def load_image(image: Any, exif_orientation: bool = False) -> Image.Image:
+def load_image(image: Any, exif_orientation: bool = False, check_size=None) -> Image.Image:
     """A PIL image, in its own mode, from a PIL image, a path, encoded bytes or a uint8 [H, W] / [H, W, C] array.
     The pixels are taken as stored, as the published processor does; `exif_orientation` turns them upright by the
-    EXIF orientation tag instead. Missing files, undecodable data, decompression bombs and empty images raise
-    InputError naming the input."""
+    EXIF orientation tag instead. `check_size(width, height)` runs on the size the file's header declares, before
+    any pixel is decoded. Missing files, undecodable data, decompression bombs and empty images raise InputError
+    naming the input."""
     name = _describe(image)
     if isinstance(image, (str, os.PathLike)) and not Path(image).is_file():
         raise InputError(f"{image} is a directory, not an image file" if Path(image).is_dir()
@@ -59,9 +60,15 @@ def load_image(image: Any, exif_orientation: bool = False) -> Image.Image:
                 img = Image.open(io.BytesIO(image))
             else:
                 img = Image.fromarray(image.numpy() if isinstance(image, torch.Tensor) else image)
+            if check_size is not None:
+                check_size(*img.size)
+                if exif_orientation:  # a turn by 90 degrees swaps the sides
+                    check_size(img.height, img.width)
             img.load()
             if exif_orientation:
                 img = ImageOps.exif_transpose(img)
+    except InputError:
+        raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise InputError(f"image {name} is too large to decode safely (decompression bomb check): {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as e:
@@ -120,9 +127,27 @@ class KimiVLImageProcessor:
         s = math.sqrt(self.in_token_limit / patches)
         return max(1, int(width * s)), max(1, int(height * s))
 
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        """The patch grid (h, w) an image of this size becomes: downscaled by the token limit, then padded to whole
+        merge units (or cropped to whole patches without pad_input)."""
+        w, h = self.target_size(width, height)
+        p, (kh, kw) = self.patch_size, self.merge_kernel_size
+        if self.pad_input:
+            return -(-h // (p * kh)) * kh, -(-w // (p * kw)) * kw
+        return h // p, w // p
+
+    def check_size(self, width: int, height: int, image: Any = None) -> None:
+        """Refuse, before decoding, an image whose patch grid would exceed max_patches_per_side: the token limit
+        downsizes by total patch count only, so a 1 x 80,000,000 image would be padded to 2 billion pixels."""
+        gh, gw = self.grid(width, height)
+        if gh >= self.max_patches_per_side or gw >= self.max_patches_per_side:
+            raise InputError(f"image {_describe(image)} ({width}x{height} pixels) would become a {gh}x{gw} patch "
+                             f"grid; at most {self.max_patches_per_side - 1} patches per side are supported (crop or "
+                             "resize it)")
+
     def preprocess_one(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
         """-> patches [h*w, 3, p, p] float32 and the grid (h, w)."""
-        img = to_8bit(load_image(image, self.exif_orientation))
+        img = to_8bit(load_image(image, self.exif_orientation, lambda w, h: self.check_size(w, h, image)))
         size = self.target_size(img.width, img.height)
         if size != img.size:
             img = img.resize(size, Image.Resampling.BICUBIC)  # in the source mode (PIL: P and 1 use nearest)
@@ -195,6 +220,7 @@ class KimiVLProcessor:
             raise CheckpointError(f"the tokenizer names no {', '.join(missing)} token: its tokenizer_config.json is "
                                   "missing or has no added_tokens_decoder with the Kimi special tokens")
         self.media_pad_id = tokenizer.token_id(MEDIA_PAD)
+        self.specials_in_text = False  # True: special-token strings typed in messages become control tokens
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "KimiVLProcessor":
@@ -212,8 +238,12 @@ class KimiVLProcessor:
                     **dataclasses.asdict(self.image_processor)}
         write_text_atomic(Path(path) / "preprocessor_config.json", json.dumps(settings, indent=2) + "\n")
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            specials_in_text: bool | None = None) -> str:
+        """The conversation as prompt text (see KimiTokenizer.apply_chat_template); `specials_in_text` None: the
+        processor's setting (False unless set: typed special-token strings stay text)."""
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt, self.specials_in_text if specials_in_text is None else specials_in_text)
 
     def __call__(self, messages: Sequence[dict] | Sequence[Sequence[dict]] | None = None, *,
                  text: str | Sequence[str] | None = None, images: Sequence[Any] | Sequence[Sequence[Any]] | None = None,

@@ -172,7 +172,8 @@ class KimiTokenizer:
     # ---- text <-> ids ------------------------------------------------------------------------------------------
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Text -> ids. With allow_special, special-token strings in the text become their ids (official
-        behaviour); without it they are encoded as plain text.
+        behaviour), except inside text that `shield` marked (message text rendered by apply_chat_template), which is
+        always plain text; without allow_special every special-token string is plain text.
 
         As the published tokenizer (transformers' tokenize step, then tokenization_moonshot's encode): the text is
         first split at the named special tokens (those of `added_tokens_decoder`), and each piece between them is
@@ -184,6 +185,8 @@ class KimiTokenizer:
         for n, piece in enumerate(self._named_split.split(text)):
             if n % 2:  # the pattern's group: a named special token
                 ids.append(self.special_tokens[piece])
+            elif SHIELD in piece:  # holds message text: its special-token strings stay text
+                ids += self._encode_plain(unshield(piece), set())
             elif piece:
                 ids += self._encode_plain(piece, "all")  # reserved names inside a piece still become their ids
         return ids
@@ -216,20 +219,53 @@ class KimiTokenizer:
         return self.decode_bytes(ids, skip_special_tokens).decode("utf-8", errors="replace")
 
     # ---- chat format -------------------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            specials_in_text: bool = False) -> str:
         """Render a conversation as the model's prompt text: the checkpoint's own template when it ships one, else
-        the built-in rendering of spec 7."""
+        the built-in rendering of spec 7.
+
+        Message text is text: a special-token string typed in it (`<|im_end|>`, `<|media_pad|>`, ...) is marked
+        (`shield`) so that `encode` spells it as plain text and it cannot open or close a turn or claim an image.
+        `specials_in_text=True` leaves it unmarked, so it becomes the control token, as the published tokenizer
+        does (for bit-exact published prompts)."""
         check_messages(messages)
+        if not specials_in_text:
+            messages = [self._shielded(m) for m in messages]
         if self.chat_template is None:
             return render_chat(messages, add_generation_prompt)
-        from jinja2.exceptions import TemplateError
+        return render_bounded(_jinja_template(self.chat_template), messages=list(messages),
+                              add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
+                              eos_token=self.eos_token)
 
-        try:
-            return _jinja_template(self.chat_template).render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token, eos_token=self.eos_token)
-        except TemplateError as e:
-            raise InputError(f"the checkpoint's chat template failed on this conversation: {e}") from None
+
+    def _shielded(self, message: dict) -> dict:
+        content = message["content"]
+        if isinstance(content, str):
+            return dict(message, content=shield(content, self._special_pattern))
+        return dict(message, content=[dict(item, text=shield(item["text"], self._special_pattern))
+                                      if item["type"] == "text" else item for item in content])
+
+    @functools.cached_property
+    def _special_pattern(self) -> re.Pattern:
+        """Any special-token string: the named ones and `<|reserved_token_N|>`."""
+        names = sorted(self.special_tokens, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, names)))
+
+
+# A character from Unicode's supplementary private use area marks message text: inserted after the first character
+# of every special-token string in it (so no split or tiktoken match sees the name), doubled where the text itself
+# holds one, and removed by `unshield` just before the plain-text encoding.
+SHIELD = "\U000FFFFD"
+_UNSHIELD = re.compile(SHIELD + "(" + SHIELD + "?)")
+
+
+def shield(text: str, specials: re.Pattern) -> str:
+    text = text.replace(SHIELD, SHIELD + SHIELD)
+    return specials.sub(lambda m: m.group()[0] + SHIELD + m.group()[1:], text)
+
+
+def unshield(text: str) -> str:
+    return _UNSHIELD.sub(r"\1", text)
 
 
 def _chunks(text: str):
@@ -284,19 +320,104 @@ def _raise_exception(message: str):
     raise InputError(f"the chat template refused the conversation: {message}")
 
 
+# What a checkpoint's chat template may cost: its output (characters) and its rendering time (seconds, enforced with
+# SIGALRM when rendering on the main thread). The environment variables raise them.
+TEMPLATE_MAX_CHARS = int(os.environ.get("KIMIVL_TEMPLATE_MAX_CHARS", 20_000_000))
+TEMPLATE_MAX_SECONDS = float(os.environ.get("KIMIVL_TEMPLATE_MAX_SECONDS", 10))
+
+
+class TemplateLimit(Exception):
+    pass
+
+
+def _too_big(n: int) -> TemplateLimit:
+    return TemplateLimit(f"it would build a value of {n:,} characters or items, more than the limit of "
+                         f"{TEMPLATE_MAX_CHARS:,} (KIMIVL_TEMPLATE_MAX_CHARS)")
+
+
+def _bounded_filter(fn):
+    @functools.wraps(fn)  # keeps jinja's pass_context / pass_environment marks
+    def bounded(*args, **kwargs):
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > TEMPLATE_MAX_CHARS:
+                raise _too_big(abs(value))
+        return fn(*args, **kwargs)
+    return bounded
+
+
 @functools.lru_cache(maxsize=8)
 def _jinja_template(source: str):
     """Compile a checkpoint's template the way transformers does: sandboxed, trimmed blocks, loop controls and a
-    `raise_exception` helper. Compiled once per template (compiling costs milliseconds, rendering microseconds)."""
+    `raise_exception` helper. Compiled once per template (compiling costs milliseconds, rendering microseconds).
+    On top of the sandbox's bounds on what a template may call, what it may build is bounded: repetition (`*`),
+    powers, filter sizes and namespace values (TEMPLATE_MAX_CHARS); render_bounded bounds output and time."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.utils import Namespace
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
+                        raise _too_big(len(seq) * n)
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64 \
+                    and isinstance(left, (int, float)) and abs(left) > 1:
+                raise TemplateLimit(f"{left} ** {right} is too large a power")
+            return super().call_binop(context, operator, left, right)
+
+    class BoundedNamespace(Namespace):
+        def __setitem__(self, name, value):
+            if isinstance(value, (str, list, tuple, dict)) and len(value) > TEMPLATE_MAX_CHARS:
+                raise _too_big(len(value))
+            super().__setitem__(name, value)
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise_exception
+    env.globals["namespace"] = BoundedNamespace
+    env.filters = {name: _bounded_filter(fn) for name, fn in env.filters.items()}
     try:
         return env.from_string(source)
     except TemplateError as e:
         raise CheckpointError(f"the checkpoint's chat template does not parse: {e}") from None
+
+
+def render_bounded(template, **variables) -> str:
+    """Render a compiled template with its output held to TEMPLATE_MAX_CHARS and, on the main thread, its time to
+    TEMPLATE_MAX_SECONDS; any failure is an InputError naming the limit or the template's own error."""
+    import signal
+    import threading
+
+    from jinja2.exceptions import TemplateError
+
+    def timeout(signum, frame):
+        raise TemplateLimit(f"rendering took more than {TEMPLATE_MAX_SECONDS:g} s (KIMIVL_TEMPLATE_MAX_SECONDS)")
+
+    timed = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+    if timed:
+        previous = signal.signal(signal.SIGALRM, timeout)
+        signal.setitimer(signal.ITIMER_REAL, TEMPLATE_MAX_SECONDS)
+    try:
+        parts, size = [], 0
+        for part in template.generate(**variables):
+            size += len(part)
+            if size > TEMPLATE_MAX_CHARS:
+                raise _too_big(size)
+            parts.append(part)
+        return "".join(parts)
+    except TemplateLimit as e:
+        raise InputError(f"the checkpoint's chat template was stopped: {e}") from None
+    except TemplateError as e:
+        raise InputError(f"the checkpoint's chat template failed on this conversation: {e}") from None
+    except (RecursionError, MemoryError, OverflowError) as e:
+        raise InputError(f"the checkpoint's chat template failed on this conversation: {type(e).__name__}: "
+                         f"{e}") from None
+    finally:
+        if timed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
 
 def split_thinking(text: str) -> tuple[str, str]:

@@ -75,7 +75,7 @@ def test_build_prompt():
 def test_pil_images_decode_and_name_the_sample():
     assert SAMPLES[2].pil_images()[1].size == (5, 5)
     truncated = Sample("9", "q", ["a"], [png()[:40]])
-    with pytest.raises(DataError, match="sample 9: image 0 does not decode"):
+    with pytest.raises(DataError, match="sample 9: image 0: cannot decode"):
         truncated.pil_images()
 
 

@@ -47,13 +47,16 @@ class Sample:
 
     def pil_images(self) -> list[Image.Image]:
         """The images decoded to RGB (raises DataError naming the sample when one does not decode)."""
+        from ..errors import KimiVLError
+        from ..processing import KimiVLImageProcessor, load_image
+
         out = []
+        check = KimiVLImageProcessor().check_size  # no grid the model could take: refused before decoding
         for k, data in enumerate(self.images):
             try:
-                with Image.open(io.BytesIO(data)) as im:
-                    out.append(im.convert("RGB"))
-            except (OSError, UnidentifiedImageError) as e:
-                raise DataError(f"sample {self.index}: image {k} does not decode: {e}") from None
+                out.append(load_image(data, check_size=check).convert("RGB"))
+            except KimiVLError as e:
+                raise DataError(f"sample {self.index}: image {k}: {e}") from None
         return out
 
 
@@ -194,7 +197,11 @@ def read_jsonl(path: str | os.PathLike) -> list[Sample]:
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if not text.strip():
         raise DataError(f"{path} is empty; expected a header row or samples with keys {', '.join(REQUIRED)}, image")
     return text

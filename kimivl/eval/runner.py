@@ -12,6 +12,7 @@ Files in the output directory:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Protocol
 from tqdm.auto import tqdm
 
 from ..checkpoint import fingerprint
-from ..errors import InputError
+from ..errors import InputError, KimiVLError
 from .data import CIRCULAR_STRIDE, Sample, build_prompt, circular_expand, read_dataset, sample_turn
 from .errors import EvalError
 from .metrics import Metric, evaluate, get_metric
@@ -190,8 +191,46 @@ def run_eval(predictor: Predictor, samples: list[Sample], metric: Metric, out_di
         raise EvalError(f"--batch-size must be at least 1, got {batch_size}")
     check_samples(metric, samples)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    info = dict(run_info or {})
+    with _exclusive(out):
+        return _run_eval(predictor, samples, metric, out, batch_size, dict(run_info or {}), progress)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold an advisory lock on OUT/.lock for the run: a second run into the same folder is refused at once."""
+    import fcntl
+
+    with open(out / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EvalError(f"another kimivl eval is writing to {out}; wait for it to finish or choose another "
+                            "--out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _predict(predictor: Predictor, batch: list[Sample]) -> list[str]:
+    """predictor.predict(batch); a failure names the sample at fault (found by asking them one at a time)."""
+    try:
+        return predictor.predict(batch)
+    except KimiVLError as e:
+        if str(e).startswith("sample"):
+            raise
+        if len(batch) == 1:
+            raise EvalError(f"sample {batch[0].index}: {e}") from None
+        for s in batch:
+            _predict(predictor, [s])
+        raise
+
+
+def _run_eval(predictor: Predictor, samples: list[Sample], metric: Metric, out: Path, batch_size: int, info: dict,
+              progress: bool) -> dict:
     _check_run(out / "run.json", info)
     pred_path = out / "predictions.jsonl"
     done = _load_predictions(pred_path)
@@ -206,7 +245,7 @@ def run_eval(predictor: Predictor, samples: list[Sample], metric: Metric, out_di
         for b in range(0, len(todo), batch_size):
             batch = todo[b:b + batch_size]
             t0 = time.perf_counter()
-            texts = predictor.predict(batch)
+            texts = _predict(predictor, batch)
             seconds = (time.perf_counter() - t0) / len(batch)
             if not isinstance(texts, list) or len(texts) != len(batch) or not all(isinstance(t, str) for t in texts):
                 raise EvalError(f"the predictor returned {type(texts).__name__} of "
@@ -271,7 +310,7 @@ def _check_run(path: Path, info: dict) -> None:
     if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise EvalError(f"{path} is not valid JSON; delete {path.parent} to start this run afresh") from None
         diff = [f"{why} ({k}: {old.get(k)!r} there, {info.get(k)!r} now)" for k, why in IDENTITY.items()
                 if old.get(k) != info.get(k)]
@@ -294,7 +333,12 @@ def _load_predictions(path: Path) -> dict[str, dict]:
         with open(path, "r+b") as f:
             f.truncate(keep)
     done = {}
-    for lineno, line in enumerate(raw[:keep].decode("utf-8").splitlines(), 1):
+    try:
+        text = raw[:keep].decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise EvalError(f"{path} line {line}: not valid UTF-8; fix or delete the file") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -119,7 +119,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise bad(f"the header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise bad("the header is not a JSON object")
@@ -291,9 +291,21 @@ def read_layout(path: str | os.PathLike, check_dtypes: bool = False) -> Layout:
             dtype = parse_dtype(config.torch_dtype)
         except InputError:
             problems.append(f"config.json: torch_dtype {config.torch_dtype!r} is not a floating-point dtype")
+    named = max(sum(len(h) for h in headers.values()), len(index or {}))
+    if config_tensor_count(config) > 2 * named + 1000:  # before building a model of that size, even on meta
+        raise CheckpointError(f"{path / 'config.json'} describes a model of {config_tensor_count(config):,} tensors "
+                              f"but the weight files name {named:,}: the config does not belong to these weights")
     expected = expected_tensors(config)
     where, tensor_problems = locate_tensors(headers, expected, index, dtype)
     return Layout(path, config, index, headers, where, expected, problems + tensor_problems)
+
+
+def config_tensor_count(config: KimiVLConfig) -> int:
+    """About how many official tensors a checkpoint of `config` holds (counted without building the model)."""
+    t = config.text_config
+    moe = sum(t.is_moe_layer(i) for i in range(t.num_hidden_layers))
+    per_moe = 3 * (t.n_routed_experts or 0) + 3 * bool(t.n_shared_experts) + 2
+    return 12 * config.vision_config.num_hidden_layers + 10 * t.num_hidden_layers + moe * per_moe + 10
 
 
 def find_shards(path: Path) -> tuple[dict[str, str] | None, list[str]]:
@@ -315,7 +327,7 @@ def read_index(index_file: Path) -> dict[str, str]:
         weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
     except OSError as e:
         raise CheckpointError(f"{index_file}: cannot read it ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{index_file}: not a valid safetensors index (needs a 'weight_map' object): "
                               f"{e!r}") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

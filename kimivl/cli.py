@@ -197,6 +197,8 @@ def _chat(args: argparse.Namespace) -> None:
     model, processor, config = _load(args)
     print("chat: /image PATH attaches an image to your next message, /reset forgets, /exit quits", file=sys.stderr)
     history, images = _system(args), []
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes arrive as lone surrogates, refused line by line below
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("> ").strip()
@@ -204,6 +206,9 @@ def _chat(args: argparse.Namespace) -> None:
             print(file=sys.stderr)
             return
         if not line:
+            continue
+        if any("\udc80" <= ch <= "\udcff" for ch in line):
+            print("error: that line is not valid UTF-8; it was ignored", file=sys.stderr)
             continue
         if line in ("/exit", "/quit"):
             return
@@ -216,7 +221,7 @@ def _chat(args: argparse.Namespace) -> None:
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
             try:
-                images.append(load_image(path, args.exif_orientation))
+                images.append(load_image(path, args.exif_orientation, processor.image_processor.check_size))
             except InputError as e:
                 print(f"error: {e}", file=sys.stderr)
             continue
@@ -414,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `kimivl generate ... | head`: the reader has gone, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as e:  # a full disk, a permission, a vanished folder: the file and the reason, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        if args.command in ("eval", "train"):
+            print("what was saved before the failure is kept; rerun the same command to continue", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if args.command == "eval":
             print("interrupted: the predictions so far are saved; rerun the same command to resume", file=sys.stderr)

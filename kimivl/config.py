@@ -143,7 +143,9 @@ class TextConfig:
             raise ConfigError("text_config.tie_word_embeddings = true is not supported; Kimi-VL has a separate lm_head")
         if not self.n_routed_experts:
             return
-        _positive(self, "moe_intermediate_size", "num_experts_per_tok", "n_group", "topk_group")
+        _positive(self, "n_routed_experts", "moe_intermediate_size", "num_experts_per_tok", "n_group", "topk_group")
+        if self.n_shared_experts:
+            _positive(self, "n_shared_experts")
         if (self.n_shared_experts or 0) < 0:
             raise ConfigError(f"text_config.n_shared_experts must be >= 0, got {self.n_shared_experts}")
         if self.scoring_func not in SCORING_FUNCS:
@@ -209,7 +211,7 @@ class KimiVLConfig:
             raise ConfigError(f"no config file at {path}") from None
         except OSError as e:
             raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         try:
             return cls.from_dict(d)
@@ -309,12 +311,21 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# Sane upper bounds on sizes (far above any published model: A3B has 27 layers and 64 experts), so that a config
+# cannot make a loader build a billion layers before the weights are even looked at.
+SIZE_LIMITS = {"num_hidden_layers": 1024, "n_routed_experts": 4096, "n_shared_experts": 4096,
+               "num_experts_per_tok": 4096, "vocab_size": 2**24, "max_position_embeddings": 2**24}
+DEFAULT_SIZE_LIMIT = 2**20
+
+
 def _positive(obj, *names: str) -> None:
     where = "vision_config" if isinstance(obj, VisionConfig) else "text_config"
     for n in names:
         v = getattr(obj, n)
         if not _is_int(v) or v <= 0:
             raise ConfigError(f"{where}.{n} must be a positive integer, got {v!r}")
+        if v > SIZE_LIMITS.get(n, DEFAULT_SIZE_LIMIT):
+            raise ConfigError(f"{where}.{n} = {v} is beyond any real model (limit {SIZE_LIMITS.get(n, DEFAULT_SIZE_LIMIT)})")
 
 
 def _positive_float(obj, *names: str) -> None:

@@ -45,6 +45,8 @@ class GenerationConfig:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if isinstance(self.stop_strings, str):
             raise InputError(f"stop_strings must be a list of strings, got the string {self.stop_strings!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InputError(f"seed must be in 0..2**63-1, got {self.seed}")
 
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -83,7 +85,7 @@ class CheckpointGeneration:
                 sampling = {"temperature": float(raw.get("temperature", 1.0)), "top_k": int(raw.get("top_k", 50)),
                             "top_p": float(raw.get("top_p", 1.0))}
             GenerationConfig(**sampling).validate()
-        except (ValueError, TypeError, UnicodeDecodeError, InputError) as e:
+        except (ValueError, TypeError, UnicodeDecodeError, InputError, RecursionError) as e:
             raise CheckpointError(f"{file}: {e}") from None
         pad = raw.get("pad_token_id")
         return cls(list(eos), pad if isinstance(pad, int) else None, sampling, raw)

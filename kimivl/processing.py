@@ -110,13 +110,41 @@ class KimiVLImageProcessor:
             return cls()
         try:
             cfg = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{file} must hold a JSON object, got {type(cfg).__name__}")
         fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
         for k in ("merge_kernel_size", "image_mean", "image_std"):
-            if k in fields:
+            if k in fields and isinstance(fields[k], list):
                 fields[k] = tuple(fields[k])
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except InputError as e:
+            raise CheckpointError(f"{file}: {e}") from None
+
+    def __post_init__(self) -> None:
+        """Refuse settings no image can be processed with (a zero patch size, a mean of one value, ...)."""
+        def whole(name: str, value, low: int = 1, high: int = 1 << 20) -> None:
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise InputError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+
+        for name in ("patch_size", "in_token_limit", "max_patches_per_side"):
+            whole(name, getattr(self, name))
+        if not isinstance(self.merge_kernel_size, tuple) or len(self.merge_kernel_size) != 2:
+            raise InputError(f"merge_kernel_size must be two integers, got {self.merge_kernel_size!r}")
+        for k in self.merge_kernel_size:
+            whole("merge_kernel_size", k, high=64)
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or len(value) != 3 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+                raise InputError(f"{name} must be three numbers (red, green, blue), got {value!r}")
+        if not all(v > 0 for v in self.image_std):
+            raise InputError(f"image_std must be positive, got {self.image_std!r}")
+        for name in ("pad_input", "exif_orientation"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def target_size(self, width: int, height: int) -> tuple[int, int]:
         """Size after the downscale rule: scale by sqrt(limit / patches) when floor(W/p)*floor(H/p) > limit."""

@@ -109,19 +109,35 @@ class KimiTokenizer:
         if (path / "tokenizer_config.json").is_file():
             try:
                 config = json.loads((path / "tokenizer_config.json").read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
                 raise CheckpointError(f"{path / 'tokenizer_config.json'} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path / 'tokenizer_config.json'} must hold a JSON object, got "
+                                  f"{type(config).__name__}")
         try:
             named = {int(i): entry["content"] for i, entry in config.get("added_tokens_decoder", {}).items()}
-        except (ValueError, KeyError, TypeError):
+            if not all(isinstance(name, str) and name for name in named.values()):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise CheckpointError(f"{path / 'tokenizer_config.json'}: added_tokens_decoder must map ids to "
                                   '{"content": name, ...}') from None
+        file = path / "tokenizer_config.json"
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if template is not None and not isinstance(template, str):
+            raise CheckpointError(f"{file}: chat_template must be a string (or a list of named templates), got "
+                                  f"{type(template).__name__}")
         if (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text()
+            try:
+                template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise CheckpointError(f"{path / 'chat_template.jinja'} is not valid UTF-8: {e.reason}") from None
         kwargs = {k: _token_name(config[k]) for k in ("eos_token", "pad_token", "bos_token") if config.get(k)}
+        bad = {k: v for k, v in kwargs.items() if not isinstance(v, str)}
+        if bad:
+            raise CheckpointError(f"{file}: {', '.join(bad)} must name a token (a string), got {bad}")
         return cls(ranks, named, chat_template=template, **kwargs)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

@@ -177,7 +177,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Sample]:
         where = f"{path} line {lineno}"
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise DataError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, found {type(obj).__name__}")
@@ -252,7 +252,8 @@ def _b64_image(value: str, where: str) -> bytes:
 
 def _file_image(path: Path, where: str) -> bytes:
     if not path.is_file():
-        raise DataError(f"{where}: image file {path} does not exist")
+        raise DataError(f"{where}: image {path} is a directory, not a file" if path.is_dir() else
+                        f"{where}: image file {path} does not exist")
     data = path.read_bytes()
     _check_image(data, where, f" ({path})")
     return data

@@ -345,7 +345,7 @@ def _load_predictions(path: Path) -> dict[str, dict]:
             obj = json.loads(line)
             done[str(obj["index"])] = {"index": str(obj["index"]), "prediction": str(obj["prediction"]),
                                        "seconds": float(obj.get("seconds", 0.0))}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError):
             raise EvalError(f"{path} line {lineno} is not a prediction record; fix or delete the file") from None
     return done
 

@@ -64,13 +64,15 @@ def read_conversations(path: str | os.PathLike) -> Sequence[list[dict]]:
         from ..eval.data import read_tsv
         return SampleConversations(read_tsv(path))
     conversations = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise InputError(f"{path}:{n}: not JSON: {e}") from None
             if not conversations and isinstance(row, dict) and "question" in row and "messages" not in row:
                 from ..eval.data import read_jsonl  # an eval file: every row a sample

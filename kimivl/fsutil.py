@@ -54,7 +54,12 @@ def remove(path: Path) -> None:
 
 
 def clean_stale(dst: Path) -> None:
-    """Remove what a killed publish of dst left beside it (staged or retired versions: a full copy each)."""
+    """Remove what a killed publish of dst left beside it (staged or retired versions: a full copy each). Where
+    dst itself is missing (a kill between the two renames of the fallback), its retired version is put back."""
+    retired = sorted(dst.parent.glob(f".{dst.name}.old-*"), key=os.path.getmtime)
+    if retired and not os.path.lexists(dst):
+        log.warning("restoring %s from %s, left by an interrupted save", dst, retired[-1])
+        os.rename(retired[-1], dst)
     for kind in ("partial", "old"):
         for stale in dst.parent.glob(f".{dst.name}.{kind}-*"):
             log.info("removing %s, left by an interrupted save", stale)

@@ -201,8 +201,9 @@ class KimiTokenizer:
         for n, piece in enumerate(self._named_split.split(text)):
             if n % 2:  # the pattern's group: a named special token
                 ids.append(self.special_tokens[piece])
-            elif SHIELD in piece:  # holds message text: its special-token strings stay text
-                ids += self._encode_plain(unshield(piece), set())
+            elif SHIELD in piece:  # holds message text: its marked special-token strings stay text
+                for m, part in enumerate(self._special_pattern.split(piece)):
+                    ids += [self.special_tokens[part]] if m % 2 else self._encode_plain(unshield(part), set())
             elif piece:
                 ids += self._encode_plain(piece, "all")  # reserved names inside a piece still become their ids
         return ids
@@ -245,8 +246,7 @@ class KimiTokenizer:
         `specials_in_text=True` leaves it unmarked, so it becomes the control token, as the published tokenizer
         does (for bit-exact published prompts)."""
         check_messages(messages)
-        if not specials_in_text:
-            messages = [self._shielded(m) for m in messages]
+        messages = [self._shielded(m, None if specials_in_text else self._special_pattern) for m in messages]
         if self.chat_template is None:
             return render_chat(messages, add_generation_prompt)
         return render_bounded(_jinja_template(self.chat_template), messages=list(messages),
@@ -254,18 +254,19 @@ class KimiTokenizer:
                               eos_token=self.eos_token)
 
 
-    def _shielded(self, message: dict) -> dict:
+    @staticmethod
+    def _shielded(message: dict, specials: re.Pattern | None) -> dict:
         content = message["content"]
         if isinstance(content, str):
-            return dict(message, content=shield(content, self._special_pattern))
-        return dict(message, content=[dict(item, text=shield(item["text"], self._special_pattern))
+            return dict(message, content=shield(content, specials))
+        return dict(message, content=[dict(item, text=shield(item["text"], specials))
                                       if item["type"] == "text" else item for item in content])
 
     @functools.cached_property
     def _special_pattern(self) -> re.Pattern:
-        """Any special-token string: the named ones and `<|reserved_token_N|>`."""
+        """Any special-token string (the named ones and `<|reserved_token_N|>`), as the pattern's one group."""
         names = sorted(self.special_tokens, key=len, reverse=True)
-        return re.compile("|".join(map(re.escape, names)))
+        return re.compile("(" + "|".join(map(re.escape, names)) + ")")
 
 
 # A character from Unicode's supplementary private use area marks message text: inserted after the first character
@@ -275,9 +276,11 @@ SHIELD = "\U000FFFFD"
 _UNSHIELD = re.compile(SHIELD + "(" + SHIELD + "?)")
 
 
-def shield(text: str, specials: re.Pattern) -> str:
+def shield(text: str, specials: re.Pattern | None) -> str:
+    """Mark message text: a SHIELD it holds is doubled (kept as text), and each match of `specials` is broken by
+    a SHIELD after its first character (kept as text); specials=None keeps special-token strings as typed."""
     text = text.replace(SHIELD, SHIELD + SHIELD)
-    return specials.sub(lambda m: m.group()[0] + SHIELD + m.group()[1:], text)
+    return text if specials is None else specials.sub(lambda m: m.group()[0] + SHIELD + m.group()[1:], text)
 
 
 def unshield(text: str) -> str:

@@ -24,6 +24,7 @@ from typing import Protocol
 from tqdm.auto import tqdm
 
 from ..checkpoint import fingerprint
+from ..fsutil import write_text_atomic
 from ..errors import InputError, KimiVLError
 from .data import CIRCULAR_STRIDE, Sample, build_prompt, circular_expand, read_dataset, sample_turn
 from .errors import EvalError
@@ -270,11 +271,11 @@ def _run_eval(predictor: Predictor, samples: list[Sample], metric: Metric, out: 
                    "predicted_now": len(todo), "resumed": resumed, "session_seconds": session,
                    "scoring_seconds": time.perf_counter() - t0},
     }
-    _write_atomic(out / "scores.jsonl", "".join(
+    write_text_atomic(out / "scores.jsonl", "".join(
         json.dumps({"index": s.index, "category": s.category, "prediction": done[s.index]["prediction"],
                     "answers": s.answers, **r}, ensure_ascii=False) + "\n" for s, r in zip(samples, records)))
-    _write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(out / "report.md", format_report(report))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "report.md", format_report(report))
     return report
 
 
@@ -318,7 +319,7 @@ def _check_run(path: Path, info: dict) -> None:
             raise EvalError(f"{path.parent} holds predictions of another run: {'; '.join(diff)}. Use another --out "
                             "directory, or delete this one to start afresh")
     else:
-        _write_atomic(path, json.dumps(info, indent=2) + "\n")
+        write_text_atomic(path, json.dumps(info, indent=2) + "\n")
 
 
 def _load_predictions(path: Path) -> dict[str, dict]:
@@ -350,7 +351,3 @@ def _load_predictions(path: Path) -> dict[str, dict]:
     return done
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -29,6 +29,8 @@ def _describe(image: Any) -> str:
         return str(image)
     if isinstance(image, (bytes, bytearray)):
         return f"<{len(image)} bytes>"
+    if getattr(image, "filename", ""):  # a PIL image opened from a file
+        return str(image.filename)
     return f"<{type(image).__name__}>"
 
 

@@ -250,7 +250,8 @@ def test_reshard_force_killed_keeps_out(tiny_checkpoint, tmp_path):
     src = tiny_checkpoint("tiny")
     out = tmp_path / "out"
     reshard(src, out, "5GB")
-    child = multiprocessing.get_context("spawn")  # fork would copy a busy OpenMP pool and hang.Process(target=_reshard_killed, args=(src, str(out), 0))
+    ctx = multiprocessing.get_context("spawn")  # fork would copy a busy OpenMP pool and hang
+    child = ctx.Process(target=_reshard_killed, args=(src, str(out), 0))
     child.start()
     child.join(120)
     assert child.exitcode == 17
@@ -370,7 +371,7 @@ def test_an_image_that_pads_to_a_bomb_is_refused_before_decoding(tiny_checkpoint
 def _bad_files(tmp_path: Path, ckpt: Path) -> dict[str, list[str]]:
     """name -> argv of a command that must fail with one `error:` line."""
     good_data = write_tsv(make_synthetic(2), tmp_path / "good.tsv")
-    (tmp_path / "bad-utf8.tsv").write_bytes(good_data.read_bytes().replace(b"question", b"quest\xffion", 1))
+    (tmp_path / "bad-utf8.tsv").write_bytes(good_data.read_bytes().replace(b"\n0\t", b"\n0\xff\t", 1))
     (tmp_path / "bad-utf8.jsonl").write_bytes(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
     (tmp_path / "non-string.jsonl").write_text(json.dumps({"messages": [
         {"role": "user", "content": [{"type": "text", "text": 5}]}, {"role": "assistant", "content": "x"}]}) + "\n")

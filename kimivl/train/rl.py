@@ -49,9 +49,8 @@ from ..processing import KimiVLProcessor
 from . import parallel
 from .plot import plot_curves
 from .rewards import Reward, get_reward
-from .run import (TrainConfig, evaluate_checkpoint, newest_checkpoint, optimizer_and_schedule, prepare, prepare_out,
-                  step_is_finite,
-                  publish, read_metrics, restore, save_checkpoint, step_indices, use_bf16)
+from .run import (TrainConfig, checkpoint_due, evaluate_checkpoint, newest_checkpoint, optimizer_and_schedule, prepare,
+                  prepare_out, publish, read_metrics, restore, save_checkpoint, step_indices, step_is_finite, use_bf16)
 
 log = logging.getLogger(__name__)
 
@@ -624,7 +623,7 @@ def train(model: nn.Module, processor: KimiVLProcessor, samples: Sequence[Sample
             if done % config.log_every == 0 or done == config.steps:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-            if done == config.steps or (config.save_every and done % config.save_every == 0):
+            if checkpoint_due(done, skipped, config):
                 extra = {"reward_moments": dataclasses.asdict(moments)}
                 if value_head is not None:
                     extra["value_head"] = value_head.state_dict()

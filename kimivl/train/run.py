@@ -123,6 +123,14 @@ def step_is_finite(loss: float, grad_norm: float, step: int, skipped: list[int],
     return False
 
 
+def checkpoint_due(done: int, skipped: list[int], config: TrainConfig) -> bool:
+    """Whether to save a checkpoint after `done` steps: every config.save_every steps and at the end, except a
+    periodic one right after a skipped (non-finite) step, so a diverging run's last checkpoint is its last good step."""
+    if done == config.steps:
+        return True
+    return bool(config.save_every) and done % config.save_every == 0 and not (skipped and skipped[-1] == done)
+
+
 # ---- what trains ----------------------------------------------------------------------------------------------------
 def prepare(model: torch.nn.Module, config: TrainConfig) -> list[torch.nn.Parameter]:
     """Apply LoRA, freezing and gradient checkpointing to the model from outside; return the trainable parameters.

@@ -28,9 +28,8 @@ from .balance import ExpertBalance, load_summary, moe_layers, update_bias
 from .data import IGNORE, collate, encode
 from .lora import merge_lora
 from .plot import plot_curves
-from .run import (TrainConfig, evaluate_checkpoint, newest_checkpoint, optimizer_and_schedule, prepare, prepare_out,
-                  step_is_finite,
-                  publish, read_metrics, restore, save_checkpoint, step_indices, use_bf16)
+from .run import (TrainConfig, checkpoint_due, evaluate_checkpoint, newest_checkpoint, optimizer_and_schedule, prepare,
+                  prepare_out, publish, read_metrics, restore, save_checkpoint, step_indices, step_is_finite, use_bf16)
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +152,7 @@ def train(model: torch.nn.Module, processor: KimiVLProcessor, data: Sequence[lis
                     record["expert_load"] = load_summary(loads)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-            if done == config.steps or (config.save_every and done % config.save_every == 0):
+            if checkpoint_due(done, skipped, config):
                 saved.append(save_checkpoint(ckpt_root, done, model, processor, optimizer, scheduler, config, dist,
                                              time.perf_counter() - t_start))
                 if config.eval_data and dist.rank == 0:

@@ -173,6 +173,23 @@ def read_tensor(file: Path, info: TensorInfo) -> torch.Tensor:
     return buf.view(info.dtype).reshape(info.shape)
 
 
+def copy_tensor(file: Path, info: TensorInfo, out: torch.Tensor) -> None:
+    """Copy one tensor of a file into `out` (its shape, any dtype, any device) without a second whole copy in
+    memory: the bytes are read straight into `out` when it is a contiguous CPU tensor of the file's dtype, else
+    converted chunk by chunk (`read_chunks`)."""
+    if not out.is_contiguous():
+        out.copy_(read_tensor(file, info))
+    elif out.dtype == info.dtype and out.device.type == "cpu":
+        with open(file, "rb") as f:
+            f.seek(info.start)
+            _read_into(f, out.view(-1).view(torch.uint8), file)
+    else:
+        flat, pos = out.view(-1), 0
+        for chunk in read_chunks(file, info):
+            flat[pos:pos + chunk.numel()].copy_(chunk)
+            pos += chunk.numel()
+
+
 def _read_into(f, buf: torch.Tensor, file: Path) -> None:
     view, done = memoryview(buf.numpy()), 0
     while done < len(view):
@@ -442,7 +459,7 @@ def read_into(state: dict[str, torch.Tensor], layout: Layout, desc: str = "load"
               disable=None if progress is None else not progress) as bar:
         for name, t in state.items():
             for off, idx in official_parts(name, t.shape):
-                t[idx].copy_(read_tensor(layout.file(off), layout.info(off)))
+                copy_tensor(layout.file(off), layout.info(off), t[idx])
             bar.update(t.numel() * t.element_size())
 
 

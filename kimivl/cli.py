@@ -11,12 +11,15 @@ from pathlib import Path
 
 from .errors import InputError, KimiVLError
 
+EVAL_LINE = "score a model on a benchmark file; `kimivl eval make-synthetic` writes the offline suite"
+TRAIN_LINE = "finetune a model: `kimivl train sft|grpo|dapo|ppo|export`"
+
 
 def _add_eval(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from .eval.metrics import METRICS
     from .eval.runner import STUBS
     p = sub.add_parser(
-        "eval", help="score a model on a benchmark file; `kimivl eval make-synthetic` writes the offline suite",
+        "eval", help=EVAL_LINE,
         description="Predict every sample of --data with --model (appending to OUT/predictions.jsonl, so an "
                     "interrupted run resumes where it stopped when rerun with the same arguments), then score with "
                     "--metric into OUT/report.json and OUT/report.md. Metrics: "
@@ -317,7 +320,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from .train.run import PARTS
     from .train.sft import BALANCE, SFTConfig
 
-    p = sub.add_parser("train", help="finetune a model: `kimivl train sft|grpo|dapo|ppo|export`")
+    p = sub.add_parser("train", help=TRAIN_LINE)
     tsub = p.add_subparsers(dest="train_command", required=True, metavar="sft|grpo|dapo|ppo|export")
     s = tsub.add_parser(
         "sft", help="supervised finetuning on conversations",
@@ -396,12 +399,19 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="kimivl", description="Kimi-VL in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_chat(sub)
-    eval_parser = _add_eval(sub)
-    _add_train(sub)
+    # eval's and train's flags import their modules (metrics, trainer configs): built only when asked for, so that
+    # `generate` and `chat` start without them
+    eval_parser = _add_eval(sub) if command in (None, "eval") else sub.add_parser("eval", help=EVAL_LINE)
+    if command in (None, "train"):
+        _add_train(sub)
+    else:
+        sub.add_parser("train", help=TRAIN_LINE)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:

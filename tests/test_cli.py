@@ -80,6 +80,23 @@ def test_console_script_runs():
     assert out.returncode == 0 and "--max-new-tokens" in out.stdout
 
 
+def test_generate_imports_neither_training_nor_eval(tiny_checkpoint):
+    """`kimivl generate` builds only its own flags: the trainer's and eval's modules (and torch.distributed.tensor,
+    which the trainer imports) stay unloaded, which is most of the start-up they used to cost; `kimivl --help` and
+    `kimivl train --help` still list everything."""
+    code = ("import sys; from kimivl.cli import main; main(sys.argv[1:]); "
+            "print(sorted(m for m in sys.modules if m.startswith(('kimivl.train', 'kimivl.eval', "
+            "'torch.distributed.tensor'))))")
+    out = subprocess.run([sys.executable, "-c", code, "generate", "--model", tiny_checkpoint(), "--prompt", "hi",
+                          "--max-new-tokens", "2"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("[]"), out.stdout + out.stderr
+    usage = subprocess.run([sys.executable, "-m", "kimivl.cli", "--help"], capture_output=True, text=True).stdout
+    assert "eval" in usage and "train" in usage
+    sft = subprocess.run([sys.executable, "-m", "kimivl.cli", "train", "sft", "--help"], capture_output=True,
+                         text=True).stdout
+    assert "--lora-rank" in sft
+
+
 def test_readme_python_example_runs(tiny_checkpoint, capsys):
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     start = readme.index("```python", readme.index("## Python")) + len("```python")

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from kimivl import KimiVLConfig
 from kimivl.kernels import moe
 from kimivl.kernels.attention import prefill_attention, varlen_attention
+from kimivl.kernels.linear import Linear
+from kimivl.kernels.mla import absorbed_attention
 from kimivl.kernels import backend
 from kimivl.kernels.backend import BackendError, backend_for, flash_attn_usable
 from kimivl.kernels.moe import moe_experts, moe_experts_grouped, moe_experts_reference
@@ -131,10 +133,49 @@ def test_varlen_attention_matches_reference(causal):
         assert rel_err(got[s:e], want) <= RTOL
 
 
-def test_prefill_attention_on_cpu_is_sdpa():
-    q, k, v = torch.randn(2, 3, 11, 12), torch.randn(2, 3, 11, 12), torch.randn(2, 3, 11, 8)
-    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
-    assert torch.equal(prefill_attention(q, k, v, None, 0.3), want)
+def written_out_attention(q, k, v, mask, scale):
+    """softmax(q k^T * scale) v in float64, per head: q, k [B, heads, T, Dqk], v [B, heads, S, Dv], mask bool
+    [B, 1, T, S] or None."""
+    scores = q.double() @ k.double().transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v.double()
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "mask"])
+def test_prefill_attention_with_narrower_values(padded):
+    """Values narrower than queries and keys (MLA's 128 against 192) are zero-padded to select the fused kernel; the
+    result is the written-out attention, causal or under a padding mask."""
+    q, k = torch.randn(2, 3, 11, 24), torch.randn(2, 3, 11, 24)
+    v = torch.randn(2, 3, 11, 16)
+    causal = torch.ones(11, 11, dtype=torch.bool).tril()
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    keep[1, :4] = False  # row 1 left-padded by four tokens
+    mask = (causal & keep[:, None, None]) | torch.eye(11, dtype=torch.bool) if padded else None
+    got = prefill_attention(q, k, v, mask, 0.3)
+    assert got.shape == (2, 3, 11, 16)
+    assert rel_err(got, written_out_attention(q, k, v, causal if mask is None else mask, 0.3)) <= RTOL
+
+
+@pytest.mark.parametrize("T, lens", [(1, None), (1, [5, 9]), (3, None)], ids=["decode", "kv-lens", "chunk"])
+def test_absorbed_attention_equals_expanded_keys_and_values(T, lens):
+    """The absorbed path (queries taken into the latent space, heads folded into one matrix multiply over the shared
+    latent) against keys and values expanded per head from the latent and attended in float64."""
+    B, S, heads, nope, rope, dv, C = 2, 9, 4, 8, 4, 6, 12
+    gen = torch.Generator().manual_seed(0)
+    q_nope, q_pe = torch.randn(B, T, heads, nope, generator=gen), torch.randn(B, T, heads, rope, generator=gen)
+    latent, k_pe = torch.randn(B, S, C, generator=gen), torch.randn(B, S, rope, generator=gen)
+    kv_b = torch.randn(heads * (nope + dv), C, generator=gen) / C ** 0.5
+    mask = torch.ones(S, S, dtype=torch.bool).tril()[S - T:].expand(B, 1, T, S).clone() if T > 1 else None
+    got = absorbed_attention(q_nope, q_pe, latent, k_pe, kv_b, mask, 0.25,
+                             None if lens is None else torch.tensor(lens))
+    k_nope, v = (latent @ kv_b.T).unflatten(-1, (heads, nope + dv)).split([nope, dv], -1)  # [B, S, heads, *]
+    q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)
+    k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, heads, rope)], -1).transpose(1, 2)
+    if lens is not None:
+        mask = (torch.arange(S) < torch.tensor(lens)[:, None])[:, None, None]
+    want = written_out_attention(q, k, v.transpose(1, 2), mask, 0.25).transpose(1, 2)
+    assert rel_err(got, want) <= RTOL
 
 
 def test_backend_choice(monkeypatch):
@@ -188,3 +229,18 @@ def test_import_and_forward_without_triton_or_flash_attn():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(1, 12, 1280)"
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (2, 3, 40), (8, 40), (513, 40)], ids=str)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_f_linear_values_and_gradients(shape, bias):
+    """The decoder's Linear (weight @ x^T on CPU for several rows) against F.linear in float64."""
+    layer = Linear(40, 24, bias=bias)
+    x = torch.randn(shape, requires_grad=True)
+    got = layer(x)
+    want = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+    assert got.shape == want.shape and got.is_contiguous() and rel_err(got, want) <= RTOL
+    cotangent = torch.randn(got.shape)
+    grads = torch.autograd.grad(got, [x, layer.weight], cotangent)
+    wants = torch.autograd.grad(F.linear(x, layer.weight, layer.bias), [x, layer.weight], cotangent)
+    assert all(rel_err(g, w) <= RTOL for g, w in zip(grads, wants))

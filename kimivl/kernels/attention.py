@@ -39,14 +39,19 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       scale: float) -> torch.Tensor:
     """Full-sequence attention: q, k [B, heads, T, Dqk], v [B, heads, T, Dv] -> [B, heads, T, Dv].
 
-    mask: bool [B, 1, T, T] (True = attend) or None for plain causal. Causal without a mask goes to flash-attn when
-    usable (v is zero-padded to Dqk, which flash-attn 2 requires, and the padding sliced off); else SDPA.
+    mask: bool [B, 1, T, T] (True = attend) or None for plain causal. v narrower than q and k (MLA: 128 against 192)
+    is zero-padded to their head size and the padding sliced off the output, which changes nothing in the result but
+    selects the fused kernels: SDPA's flash kernel on CPU (the unfused math path it otherwise takes builds every
+    [T, T] score matrix: 4x slower and memory quadratic in T) and flash-attn 2, which causal calls without a mask go
+    to when usable; else SDPA.
     """
-    if mask is None and v.shape[-1] <= q.shape[-1] and flash_attn_usable(q):
-        from flash_attn import flash_attn_func
-        dv = v.shape[-1]
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))
+    if mask is None and v.shape[-1] == q.shape[-1] and flash_attn_usable(q):
+        from flash_attn import flash_attn_func
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
-                              causal=True)  # [B, T, heads, Dqk]
-        return out[..., :dv].transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+                              causal=True).transpose(1, 2)  # [B, heads, T, Dqk]
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    return out[..., :dv]

@@ -37,17 +37,20 @@ def absorbed_attention_reference(q_nope: torch.Tensor, q_pe: torch.Tensor, laten
 
     k_nope = latent @ W_uk^T per head, so q_nope . k_nope = (q_nope @ W_uk) . latent: queries are taken into the
     latent space; likewise softmax @ (latent @ W_uv^T) = (softmax @ latent) @ W_uv^T: values are projected out after
-    attention. Scores are softmaxed in float32.
+    attention. Every head reads the same latent and rope key, so heads and queries are folded into the rows of one
+    matrix multiply per sequence ([heads * T, C] @ [C, S]) instead of broadcasting the cache to each head, which
+    copies it. Scores are softmaxed in float32.
     """
-    w_uk, w_uv = absorb_weights(kv_b_weight, q_nope.shape[2], q_nope.shape[3])
-    q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # [B, heads, T, C]
-    scores = q_latent @ latent[:, None].transpose(-1, -2)  # [B, heads, T, S]
-    scores = scores + q_pe.transpose(1, 2) @ k_pe[:, None].transpose(-1, -2)
-    scores = scores.float() * scale
+    B, T, heads, _ = q_nope.shape
+    w_uk, w_uv = absorb_weights(kv_b_weight, heads, q_nope.shape[3])
+    q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk).flatten(1, 2)  # [B, heads * T, C]
+    q_rope = q_pe.transpose(1, 2).flatten(1, 2)  # [B, heads * T, rope]
+    scores = torch.baddbmm(q_latent @ latent.transpose(1, 2), q_rope, k_pe.transpose(1, 2))  # [B, heads * T, S]
+    scores = scores.float().mul_(scale).view(B, heads, T, -1)
     if kv_lens is not None:
         within = torch.arange(latent.shape[1], device=latent.device) < kv_lens[:, None]  # [B, S]
         mask = within[:, None, None] if mask is None else mask & within[:, None, None]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    context = scores.softmax(dim=-1).to(latent.dtype) @ latent[:, None]  # [B, heads, T, C]
-    return torch.einsum("bhtc,hvc->bthv", context, w_uv)
+    context = scores.softmax(dim=-1).to(latent.dtype).flatten(1, 2) @ latent  # [B, heads * T, C]
+    return torch.einsum("bhtc,hvc->bthv", context.view(B, heads, T, -1), w_uv)

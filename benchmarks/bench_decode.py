@@ -8,11 +8,12 @@ It is written once as an official checkpoint under --work and exported with `wei
 and transformers' DeepseekV3ForCausalLM run the same weights, each in a fresh process of its own (never both in
 memory).
 
-- decode: ms per step (one new token per row) at batch B over a cache of L tokens, filled with random latents (keys
-  and values for transformers): the same cost as a prefilled cache. Roofline: the bytes a step must read (every
+- decode: ms per step (one new token per row) at batch B over a cache of L tokens, filled with random latents and rope
+  keys: the same cost as a prefilled cache. Roofline: the bytes a step must read (every
   weight it uses once: attention, dense MLP, shared experts, the routed experts the batch selects, expected under
   uniform routing, one embedding row per token, the whole output head; plus the cache) / the copy bandwidth probed
-  in the same run. transformers 5 also caches the latent, but expands per-head keys and values from all of it in
+  in the same run, or the step's matmul FLOPs / the matmul rate where that is longer (large batches and
+  contexts). transformers 5 also caches the latent, but expands per-head keys and values from all of it in
   every step.
 - prefill: tokens/s for one sequence of L tokens into an empty cache, the output head on the last token only (as
   generation does). Roofline: FLOPs (2 x the weights a token uses, attention's causal half of 2 x T^2 x heads x
@@ -41,7 +42,8 @@ from limits import Machine, best_times, describe
 
 TINY_VISION = dict(init_pos_emb_height=16, init_pos_emb_width=16, num_attention_heads=2, num_hidden_layers=2,
                    hidden_size=32, intermediate_size=64, torch_dtype="float32")
-EXPAND_BUDGET = 3 * 2 ** 30  # transformers expands per-head keys and values each step: skip beyond this
+EXPAND_BUDGET = 2 ** 30  # transformers expands per-head keys and values each step: skip beyond this
+HF_PREFILL_MAX = 2048  # transformers' prefill attention builds T x T scores per head: 8,192 ran out of 24 GiB here
 
 
 class PeakRSS:
@@ -117,6 +119,15 @@ def decode_bytes(lm, cfg: TextConfig, batch: int, context: int) -> int:
         else:
             total += p.nbytes
     return int(total + batch * context * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4)
+
+
+def decode_flops(lm, cfg: TextConfig, batch: int, context: int) -> float:
+    """Matmul FLOPs of one decode step: every row's weights (k of the routed experts) and the whole output head, and
+    the absorbed attention over the latent cache (scores over latent + rope key, context over the latent)."""
+    per_token = sum(p.numel() * (cfg.num_experts_per_tok / cfg.n_routed_experts if ".experts." in name else 1)
+                    for name, p in lm.named_parameters() if p.dim() >= 2 and "embed_tokens" not in name)
+    attention = cfg.num_hidden_layers * cfg.num_attention_heads * context * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    return 2 * batch * (per_token + attention)
 
 
 def prefill_flops(lm, cfg: TextConfig, T: int) -> float:
@@ -204,7 +215,9 @@ class Transformers:
         return lambda: self.model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
 
 
-def measure(contender, decode_grid, prefill_lengths, repeats: int, machine: Machine, device: torch.device) -> dict:
+def measure(contender, decode_grid, prefill_lengths, repeats: int, machine: Machine, device: torch.device,
+            save=lambda rows: None) -> dict:
+    """The rows of one contender; `save(rows)` after each, so a run cut short keeps what it measured."""
     rows = {}
     for batch, context in decode_grid:
         if isinstance(contender, Transformers) and contender.expanded_bytes(batch, context) > EXPAND_BUDGET:
@@ -213,7 +226,9 @@ def measure(contender, decode_grid, prefill_lengths, repeats: int, machine: Mach
         step = contender.decoder(batch, context, repeats + 2)
         with PeakRSS() as peak:
             times = best_times({"step": step, **machine.probes()}, repeats, device)
-        rows[("decode", batch, context)] = dict(s=times["step"], bw=machine.bandwidth(times), peak=peak.peak)
+        rows[("decode", batch, context)] = dict(s=times["step"], bw=machine.bandwidth(times),
+                                                mm=machine.matmul_rate(times), peak=peak.peak)
+        save(rows)
         del step
         gc.collect()
     for T in prefill_lengths:
@@ -223,6 +238,7 @@ def measure(contender, decode_grid, prefill_lengths, repeats: int, machine: Mach
         with PeakRSS() as peak:
             times = best_times({"run": run, **machine.probes()}, max(1, repeats // 2), device)
         rows[("prefill", 1, T)] = dict(s=times["run"], mm=machine.matmul_rate(times), peak=peak.peak - base)
+        save(rows)
         del run
         gc.collect()
     return rows
@@ -239,8 +255,9 @@ def run_contender(args: argparse.Namespace) -> None:
     machine = Machine(device, torch.float32, [(512, 2048, 3072), (2048, 2048, 1408)])
     contender = Ours(ckpt) if args.contender == "kimivl" else Transformers(hf)
     grid = [(b, c) for b in args.batches for c in args.contexts]
-    rows = measure(contender, grid, args.prefill, args.repeats, machine, device)
-    args.rows.write_text(json.dumps({key_name(k): v for k, v in rows.items()}))
+    prefill = args.prefill if args.contender == "kimivl" else [T for T in args.prefill if T <= HF_PREFILL_MAX]
+    measure(contender, grid, prefill, args.repeats, machine, device,
+            lambda rows: args.rows.write_text(json.dumps({key_name(k): v for k, v in rows.items()})))
 
 
 def main() -> None:
@@ -253,6 +270,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--reuse", action="store_true", help="print the table from the rows an earlier run left in "
+                        "--work instead of measuring again (load figures are measured anew)")
     parser.add_argument("--contender", choices=["kimivl", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -266,10 +285,11 @@ def main() -> None:
         from kimivl.decoder import DeepseekV3ForCausalLM
         shapes = DeepseekV3ForCausalLM(cfg)
     need = {key: decode_bytes(shapes, cfg, key[0], key[1]) for key in decode_grid}
+    work = {key: decode_flops(shapes, cfg, key[0], key[1]) for key in decode_grid}
     flops = {T: prefill_flops(shapes, cfg, T) for T in args.prefill}
     print(f"A3B decoder widths, {args.layers} layers, full vocabulary, float32; {describe(torch.device('cpu'))}; "
-          f"'—': transformers' per-head keys and values, expanded each step, would exceed {EXPAND_BUDGET / 2 ** 30:.0f} "
-          "GiB a layer\n")
+          f"'—': not measured, transformers' per-head keys and values (expanded each step) over "
+          f"{EXPAND_BUDGET / 2 ** 30:.0f} GiB a layer, or its prefill past {HF_PREFILL_MAX} tokens\n")
     names = ["kimivl"] + ([] if args.skip_transformers else ["transformers"])
     results, loads = {}, {}
     for n in names:  # each in a fresh process: the two models never share this machine's memory
@@ -278,19 +298,26 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--contender", n, "--rows", str(rows), "--work", str(args.work),
                "--repeats", str(args.repeats), "--batches", *map(str, args.batches), "--contexts",
                *map(str, args.contexts), "--prefill", *map(str, args.prefill)]
-        subprocess.run(cmd, check=True)
-        results[n] = json.loads(rows.read_text())
+        if not (args.reuse and rows.exists()):
+            done = subprocess.run(cmd)
+            if done.returncode:
+                print(f"{n} stopped (exit {done.returncode}): its rows so far are shown", file=sys.stderr)
+        results[n] = json.loads(rows.read_text()) if rows.exists() else {}
     print("| work | " + " | ".join(f"{n} ms | {n} tok/s | {n} % of roofline" for n in names) + " | roofline ms |")
     print("|---|" + "---|---|---|" * len(names) + "---|")
     for key in [("decode", b, c) for b, c in decode_grid] + [("prefill", 1, T) for T in args.prefill]:
         kind, batch, length = key
         cells, limit = [], None
         for n in names:
-            row = results[n][key_name(key)]
-            if row is None:  # transformers' per-step expansion over EXPAND_BUDGET
+            row = results[n].get(key_name(key))
+            if row is None:  # not measured: transformers' per-step expansion or prefill over its budget
                 cells.append("— | — | —")
                 continue
-            limit = need[(batch, length)] / row["bw"] if kind == "decode" else flops[length] / row["mm"]
+            if kind == "decode":  # the slower of reading the bytes and doing the matmuls
+                mm = row.get("mm") or max(r["mm"] for r in results[n].values() if r and "mm" in r)
+                limit = max(need[(batch, length)] / row["bw"], work[(batch, length)] / mm)
+            else:
+                limit = flops[length] / row["mm"]
             tokens = batch if kind == "decode" else length
             cells.append(f"{row['s'] * 1e3:.1f} | {tokens / row['s']:.1f} | {100 * limit / row['s']:.0f}%")
         label = f"decode B={batch} ctx={length}" if kind == "decode" else f"prefill {length}"
@@ -298,7 +325,7 @@ def main() -> None:
     print("\nprefill memory above the model (peak RSS during the call):")
     for n in names:
         print(f"  {n}: " + ", ".join(f"{T}: {results[n][key_name(('prefill', 1, T))]['peak'] / 2 ** 30:.2f} GiB"
-                                     for T in args.prefill))
+                                     for T in args.prefill if results[n].get(key_name(("prefill", 1, T)))))
     print("\nload (fresh process): " + "; ".join(f"{n} {s:.1f} s, peak {r:.2f}x the weights"
                                                  for n, (s, r) in loads.items()))
     if args.json:

@@ -173,7 +173,7 @@ def read_tensor(file: Path, info: TensorInfo) -> torch.Tensor:
     return buf.view(info.dtype).reshape(info.shape)
 
 
-def copy_tensor(file: Path, info: TensorInfo, out: torch.Tensor) -> None:
+def copy_tensor(file: Path, info: TensorInfo, out: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> None:
     """Copy one tensor of a file into `out` (its shape, any dtype, any device) without a second whole copy in
     memory: the bytes are read straight into `out` when it is a contiguous CPU tensor of the file's dtype, else
     converted chunk by chunk (`read_chunks`)."""
@@ -185,7 +185,7 @@ def copy_tensor(file: Path, info: TensorInfo, out: torch.Tensor) -> None:
             _read_into(f, out.view(-1).view(torch.uint8), file)
     else:
         flat, pos = out.view(-1), 0
-        for chunk in read_chunks(file, info):
+        for chunk in read_chunks(file, info, chunk_bytes):
             flat[pos:pos + chunk.numel()].copy_(chunk)
             pos += chunk.numel()
 

@@ -63,14 +63,21 @@ def test_no_tokens():
         assert out.shape == (0, 16) and out.dtype == x.dtype
 
 
-def test_grouped_path_without_grouped_mm_loops_over_used_experts_only(monkeypatch):
+@pytest.mark.parametrize("grad", [False, True], ids=["float32-inference", "no-grouped-mm"])
+def test_grouped_path_loops_over_used_experts_only(monkeypatch, grad):
+    """Float32 inference on CPU, and training where grouped_mm is unavailable, loop over the experts that got rows."""
     x, ids, w, gate_up, down = moe_inputs(37, 8, 24, 20, 3)
+    x.requires_grad_(grad)
     used = set(ids.flatten().tolist())
     assert len(used) < 8
     calls = []
-    real_linear = F.linear
-    monkeypatch.setattr(moe, "grouped_mm_usable", lambda x, w: False)
-    monkeypatch.setattr(moe.F, "linear", lambda a, b: calls.append(a.shape[0]) or real_linear(a, b))
+    if grad:
+        real_linear = F.linear
+        monkeypatch.setattr(moe, "grouped_mm_usable", lambda x, w: False)
+        monkeypatch.setattr(moe.F, "linear", lambda a, b: calls.append(a.shape[0]) or real_linear(a, b))
+    else:
+        real_linear = moe.linear
+        monkeypatch.setattr(moe, "linear", lambda a, b: calls.append(a.shape[0]) or real_linear(a, b))
     got = moe_experts_grouped(x, ids, w, gate_up, down)
     monkeypatch.undo()
     assert len(calls) == 2 * len(used) and min(calls) > 0  # two GEMMs per used expert, none for the unused
@@ -101,13 +108,18 @@ def test_moe_fast_path_gradients_match_reference(monkeypatch, path, shape, cotan
 
 
 @pytest.mark.parametrize("tokens", [1, 64])
-def test_grouped_mm_is_used_on_cpu(monkeypatch, tokens):
-    """The torch path runs torch's grouped GEMM on this machine, for decode and prefill alike."""
+def test_grouped_mm_is_used_on_cpu_for_training_only(monkeypatch, tokens):
+    """The torch path runs torch's grouped GEMM when gradients are wanted, for decode and prefill sizes alike; float32
+    inference loops over the used experts instead (faster on CPU), with the same result."""
     calls = []
     real = F.grouped_mm
     monkeypatch.setattr(moe.F, "grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    moe_experts(*moe_inputs(tokens, 16, 32, 8, 2))
+    x, ids, weights, gate_up, down = moe_inputs(tokens, 16, 32, 8, 2)
+    trained = moe_experts(x.requires_grad_(), ids, weights, gate_up, down)
     assert len(calls) == 2
+    with torch.no_grad():
+        inferred = moe_experts(x, ids, weights, gate_up, down)
+    assert len(calls) == 2 and rel_err(inferred, trained.detach()) <= RTOL
 
 
 def test_route_dispatch_is_the_reference_on_cpu():

@@ -79,6 +79,18 @@ def test_streaming_reader_and_writer_agree_with_safetensors(tmp_path):
         assert all(c.numel() * c.element_size() <= 6 for c in chunks if t.element_size() <= 6)
         flat = torch.cat([c.reshape(-1) for c in chunks]) if chunks else torch.empty(0, dtype=t.dtype)
         assert torch.equal(flat.reshape(t.shape), t), k
+    # copied into a model's tensors: straight into memory of the same dtype, converted chunk by chunk, or into a
+    # non-contiguous view (as `load` fills an expert's slice)
+    for k, t in tensors.items():
+        for dtype in {t.dtype, torch.float64}:
+            if not t.dtype.is_floating_point and dtype == torch.float64:
+                continue
+            out = torch.full(t.shape, 7, dtype=dtype)
+            ckpt_module.copy_tensor(tmp_path / "lib.safetensors", header[k], out, chunk_bytes=6)
+            assert torch.equal(out, t.to(dtype)), (k, dtype)
+    holder = torch.zeros(7, 5, dtype=torch.bfloat16)
+    ckpt_module.copy_tensor(tmp_path / "lib.safetensors", header["bf16"], holder.t())
+    assert torch.equal(holder.t(), tensors["bf16"])
     # ours, written chunk by chunk from those 6-byte pieces, read back by the library
     sources = {k: ckpt_module.TensorSource(t.dtype, tuple(t.shape),
                                            read_chunks(tmp_path / "lib.safetensors", header[k], chunk_bytes=6))

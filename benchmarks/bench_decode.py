@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import subprocess
 import sys
 import threading
@@ -86,20 +85,16 @@ def write_model(work: Path, layers: int) -> tuple[Path, Path]:
 
 
 def load_peak(path: Path, library: str) -> tuple[float, float]:
-    """(seconds, peak RSS / weight bytes) of loading `path` in a fresh process."""
-    load = ("from kimivl import KimiVLForConditionalGeneration as M; M.from_pretrained(p)" if library == "kimivl" else
-            "from transformers import DeepseekV3ForCausalLM as M; M.from_pretrained(p, dtype=torch.float32)")
-    code = ("import resource, sys, time, torch; p = sys.argv[1]; import_done = time.perf_counter(); " + load +
-            "; print(time.perf_counter() - import_done, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-    baseline = ("import resource, torch; from kimivl import KimiVLForConditionalGeneration; "
-                "from transformers import DeepseekV3ForCausalLM; "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
-    seconds, peak = map(float, subprocess.run([sys.executable, "-c", code, str(path)], check=True, text=True,
-                                              capture_output=True).stdout.split())
-    imports = float(subprocess.run([sys.executable, "-c", baseline], check=True, text=True,
-                                   capture_output=True).stdout)
-    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return seconds, (peak - imports) / weights
+    """(seconds, peak RSS above the imports / weight bytes) of loading `path` in a fresh process."""
+    module, name, kwargs = (("kimivl", "KimiVLForConditionalGeneration", "") if library == "kimivl" else
+                            ("transformers", "DeepseekV3ForCausalLM", ", dtype=torch.float32"))
+    code = (f"import resource, sys, time, torch; from {module} import {name} as M; "
+            "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024; imports = peak(); "
+            f"t0 = time.perf_counter(); M.from_pretrained(sys.argv[1]{kwargs}); "
+            "print(time.perf_counter() - t0, peak() - imports)")
+    seconds, above = map(float, subprocess.run([sys.executable, "-c", code, str(path)], check=True, text=True,
+                                               capture_output=True).stdout.split())
+    return seconds, above / sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 def expected_experts(cfg: TextConfig, tokens: int) -> float:
@@ -126,7 +121,8 @@ def decode_flops(lm, cfg: TextConfig, batch: int, context: int) -> float:
     the absorbed attention over the latent cache (scores over latent + rope key, context over the latent)."""
     per_token = sum(p.numel() * (cfg.num_experts_per_tok / cfg.n_routed_experts if ".experts." in name else 1)
                     for name, p in lm.named_parameters() if p.dim() >= 2 and "embed_tokens" not in name)
-    attention = cfg.num_hidden_layers * cfg.num_attention_heads * context * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    attention = (cfg.num_hidden_layers * cfg.num_attention_heads * context
+                 * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim))
     return 2 * batch * (per_token + attention)
 
 

@@ -174,9 +174,9 @@ def read_tensor(file: Path, info: TensorInfo) -> torch.Tensor:
 
 
 def copy_tensor(file: Path, info: TensorInfo, out: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> None:
-    """Copy one tensor of a file into `out` (its shape, any dtype, any device) without a second whole copy in
-    memory: the bytes are read straight into `out` when it is a contiguous CPU tensor of the file's dtype, else
-    converted chunk by chunk (`read_chunks`)."""
+    """Copy one tensor of a file into `out` (its shape, any dtype, any device). A contiguous `out` needs no second
+    whole copy in memory: the bytes are read straight into it when it is a CPU tensor of the file's dtype, else
+    converted chunk by chunk (`read_chunks`); a non-contiguous view is filled from a whole temporary."""
     if not out.is_contiguous():
         out.copy_(read_tensor(file, info))
     elif out.dtype == info.dtype and out.device.type == "cpu":

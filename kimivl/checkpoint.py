@@ -30,6 +30,8 @@ from .config import KimiVLConfig
 from . import fsutil
 from .errors import CheckpointError, InputError, KimiVLError
 from .generation import GENERATION_CONFIG_NAME, CheckpointGeneration
+from .quant import (HELD_FLOAT, TARGET, QuantWeight, Scheme, compressed_shapes, dequantize, fill_rows, in_layout,
+                    put_rows, quantize_modules, round_trip, scheme_of, unpack_int32)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -59,12 +61,21 @@ def to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def expected_tensors(config: KimiVLConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name and shape an official checkpoint of this config holds, in module order."""
+    """Every tensor name and shape an official checkpoint of this config holds, in module order (a compressed-tensors
+    checkpoint holds each quantized weight as its packed parts: `quant.compressed_shapes`)."""
     with torch.device("meta"):
         from .model import KimiVLForConditionalGeneration
         model = KimiVLForConditionalGeneration(config)
-    return {off: _indexed_shape(tuple(t.shape), idx) for name, t in model.state_dict().items()
-            for off, idx in official_parts(name, t.shape)}
+    dense = {off: _indexed_shape(tuple(t.shape), idx) for name, t in model.state_dict().items()
+             for off, idx in official_parts(name, t.shape)}
+    scheme = scheme_of(config)
+    if scheme is None:
+        return dense
+    out = {}
+    for name, shape in dense.items():
+        parts = compressed_shapes(name, shape, scheme) if TARGET.fullmatch(name) else {name: (shape, None)}
+        out.update({k: shp for k, (shp, _) in parts.items()})
+    return out
 
 
 def _indexed_shape(shape: tuple[int, ...], idx: Index) -> tuple[int, ...]:
@@ -403,10 +414,15 @@ def locate_tensors(headers: dict[str, dict[str, TensorInfo]], expected: dict[str
                 continue
             if info.shape != expected[key]:
                 problems.append(f"{key} in {f}: shape {list(info.shape)}, expected {list(expected[key])}")
-            if not info.dtype.is_floating_point:
+            if key.endswith(("weight_packed", "weight_shape")):  # compressed-tensors' integer parts
+                if info.dtype not in ((torch.int32,) if key.endswith("_packed") else (torch.int64, torch.int32)):
+                    problems.append(f"{key} in {f}: dtype {DTYPE_NAMES[info.dtype]}, expected an integer one "
+                                    "(I32 words; I64 or I32 shape)")
+            elif not info.dtype.is_floating_point:
                 problems.append(f"{key} in {f}: dtype {DTYPE_NAMES[info.dtype]}, expected a floating-point type")
             elif dtype is not None and info.dtype != dtype and not (key.endswith(KEEP_FLOAT32)
-                                                                    and info.dtype == torch.float32):
+                                                                    and info.dtype == torch.float32) \
+                    and not key.endswith("weight_scale"):  # compressed-tensors scales: any float dtype
                 problems.append(f"{key} in {f}: dtype {DTYPE_NAMES[info.dtype]}, expected {DTYPE_NAMES[dtype]} "
                                 "(config.json torch_dtype)")
     if index is not None:
@@ -424,7 +440,7 @@ def locate_tensors(headers: dict[str, dict[str, TensorInfo]], expected: dict[str
 
 # ---- loading ----------------------------------------------------------------------------------------------------
 def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         progress: bool | None = None):
+         progress: bool | None = None, quantize: str | None = None, group_size: int | None = None):
     """Read config.json and the safetensors weights of a checkpoint directory into a new model.
 
     The model is built on the meta device and materialised straight from the files. Every problem (unreadable or
@@ -432,6 +448,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     CheckpointError. dtype (a torch.dtype or its name) None means float32 on CPU (where bfloat16 matmuls are very
     slow) and the config's torch_dtype elsewhere; router correction biases are always kept in float32. A progress
     bar over the bytes read goes to stderr when `progress` is True, or None and stderr is a terminal.
+
+    quantize "int8" | "int4" (int4 in groups of group_size, default 128) quantizes the decoder's weights as they are
+    read, one tensor (or block of rows) at a time (see `kimivl.quant`); `dtype` is then that of the float rest. A
+    compressed-tensors checkpoint (`kimivl-weights quantize`) is loaded quantized as it is stored.
     """
     from .model import KimiVLForConditionalGeneration
 
@@ -439,28 +459,115 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     device = _device(device)
     dtype = load_dtype(dtype, device, layout.config)
     layout.raise_problems("cannot be loaded")
+    stored = scheme_of(layout.config)
+    scheme = Scheme.named(quantize, group_size) if quantize is not None else stored
+    if stored is not None and scheme != stored:
+        raise InputError(f"{path} is already quantized, {stored}; load it as it is (leave quantize unset) or "
+                         "quantize its float original")
     with torch.device("meta"):
         model = KimiVLForConditionalGeneration(layout.config)
+    targets = quantize_modules(model, scheme, dtype, device) if scheme is not None else {}
     state = {name: torch.empty(t.shape, dtype=torch.float32 if name.endswith(KEEP_FLOAT32) else dtype, device=device)
-             for name, t in model.state_dict().items()}
-    read_into(state, layout, f"load {Path(path).name}", progress)
-    model.load_state_dict(state, assign=True, strict=True)
+             for name, t in model.state_dict().items() if t.is_meta}
+    held_float = {k for k in state if k.endswith(HELD_FLOAT)} if scheme is not None else set()
+    total = sum(layout.info(k).nbytes for k in layout.expected)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"load {Path(path).name}",
+              disable=None if progress is None else not progress) as bar:
+        read_into({k: v for k, v in state.items() if k not in held_float}, layout, bar=bar)
+        for name in held_float:
+            w = read_official(layout, name, stored)
+            state[name].copy_(w if stored is not None else round_trip(w, scheme))
+            bar.update(sum(layout.info(k).nbytes for k in official_names(name, stored)))
+        for name, (target, _) in targets.items():
+            read_quantized(layout, name, target, stored, bar)
+    missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
+    if unexpected or any(model.get_buffer(k).is_meta if k.endswith(("data", "scale")) else True for k in missing):
+        raise CheckpointError(f"{path}: internal error: tensors left unfilled: {missing + unexpected}")
     model.generation_config = CheckpointGeneration.read(path)
+    model.quantization = scheme
     return model.eval()
 
 
+def official_names(name: str, stored: Scheme | None) -> list[str]:
+    """The file tensors behind a 2-D model weight `name`: itself, or its compressed parts."""
+    return [name] if stored is None else [name + p for p in ("_packed", "_scale", "_shape")]
+
+
+def read_official(layout: Layout, name: str, stored: Scheme | None) -> torch.Tensor:
+    """A whole 2-D target weight as float32: read, or unpacked and dequantized from a compressed checkpoint."""
+    if stored is None:
+        return read_tensor(layout.file(name), layout.info(name)).float()
+    data = unpack_int32(read_tensor(layout.file(name + "_packed"), layout.info(name + "_packed")), stored.bits)
+    return dequantize(data, _stored_scale(layout, name, stored), stored.bits)
+
+
+def read_rows(file: Path, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of a tensor (along its first dimension), read alone."""
+    row = info.nbytes // info.shape[0]
+    buf = torch.empty((stop - start) * row, dtype=torch.uint8)
+    with open(file, "rb") as f:
+        f.seek(info.start + start * row)
+        _read_into(f, buf, file)
+    return buf.view(info.dtype).view(stop - start, *info.shape[1:])
+
+
+ROW_BLOCK_BYTES = 32 * 2 ** 20  # float rows read and quantized at a time (a multiple of 64 rows: the int4 kernel's)
+
+
 @torch.no_grad()
-def read_into(state: dict[str, torch.Tensor], layout: Layout, desc: str = "load", progress: bool | None = False
-              ) -> None:
+def read_quantized(layout: Layout, name: str, target: QuantWeight, stored: Scheme | None, bar: tqdm) -> None:
+    """Fill quantized model weight `name` (2-D, or stacked experts) from its official tensors, block by block."""
+    if target.data.dim() == 3:  # experts: each expert's parts (gate and up rows) gathered, then quantized at once
+        for e in range(target.shape[0]):
+            parts = [(off, idx[1] if len(idx) > 1 else slice(None)) for off, idx in official_parts(name, target.shape)
+                     if idx[0] == e]
+            if stored is None:
+                w = torch.cat([read_tensor(layout.file(off), layout.info(off)) for off, _ in parts]).float()
+                fill_rows(target[e], slice(None), w)
+            else:
+                data = torch.cat([unpack_int32(read_tensor(layout.file(off + "_packed"),
+                                                           layout.info(off + "_packed")), stored.bits)
+                                  for off, _ in parts])
+                scale = torch.cat([_stored_scale(layout, off, stored) for off, _ in parts])
+                put_rows(target[e], slice(None), *in_layout(data, scale, target.layout))
+            bar.update(sum(layout.info(k).nbytes for off, _ in parts for k in official_names(off, stored)))
+        return
+    if stored is None or name.endswith(INT8_DENSE):  # a float tensor, quantized block by block
+        info = layout.info(name)
+        N = info.shape[0]
+        step = max(64, ROW_BLOCK_BYTES // max(1, info.nbytes // N) // 64 * 64)
+        for a in range(0, N, step):
+            b = min(N, a + step)
+            fill_rows(target, slice(a, b), read_rows(layout.file(name), info, a, b).float())
+            bar.update((b - a) * (info.nbytes // N))
+        return
+    data = unpack_int32(read_tensor(layout.file(name + "_packed"), layout.info(name + "_packed")), stored.bits)
+    put_rows(target, slice(None), *in_layout(data, _stored_scale(layout, name, stored), target.layout))
+    bar.update(sum(layout.info(k).nbytes for k in official_names(name, stored)))
+
+
+INT8_DENSE = ("lm_head.weight", "embed_tokens.weight")  # int8 in memory, dense in every file
+
+
+def _stored_scale(layout: Layout, name: str, stored: Scheme) -> torch.Tensor:
+    scale = read_tensor(layout.file(name + "_scale"), layout.info(name + "_scale")).to(torch.bfloat16)
+    return scale[:, 0] if stored.bits == 8 else scale
+
+
+@torch.no_grad()
+def read_into(state: dict[str, torch.Tensor], layout: Layout, desc: str = "load", progress: bool | None = False,
+              bar: tqdm | None = None) -> None:
     """Fill the tensors of `state` (the model's own names) from a checked checkpoint layout, in place, each cast to
-    its tensor's dtype, with a progress bar over the bytes (see `load`)."""
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc,
-              disable=None if progress is None else not progress) as bar:
-        for name, t in state.items():
-            for off, idx in official_parts(name, t.shape):
-                copy_tensor(layout.file(off), layout.info(off), t[idx])
-            bar.update(t.numel() * t.element_size())
+    its tensor's dtype, with a progress bar over the bytes read (see `load`), or advancing `bar` if given."""
+    if bar is None:
+        total = sum(layout.info(off).nbytes for name, t in state.items() for off, _ in official_parts(name, t.shape))
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc,
+                  disable=None if progress is None else not progress) as bar:
+            return read_into(state, layout, bar=bar)
+    for name, t in state.items():
+        for off, idx in official_parts(name, t.shape):
+            copy_tensor(layout.file(off), layout.info(off), t[idx])
+            bar.update(layout.info(off).nbytes)
 
 
 # ---- saving -----------------------------------------------------------------------------------------------------

@@ -50,14 +50,15 @@ class KimiVLForConditionalGeneration(nn.Module):
         self.multi_modal_projector = KimiVLMultiModalProjector(config)
         self.language_model = DeepseekV3ForCausalLM(config.text_config)
         self.generation_config: CheckpointGeneration | None = None  # the checkpoint's generation_config.json
+        self.quantization = None  # the kimivl.quant.Scheme the decoder was loaded with, or None (float)
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.lm_head.weight.device
+        return self.language_model.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.language_model.lm_head.weight.dtype
+        return self.language_model.model.norm.weight.dtype
 
     def image_features(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> torch.Tensor:
         """Packed patches -> one decoder-width row per merged token, images in order: [N_tokens, hidden]."""
@@ -139,11 +140,13 @@ class KimiVLForConditionalGeneration(nn.Module):
     # ---- checkpoints -----------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                        device: str | torch.device = "cpu", progress: bool | None = None
+                        device: str | torch.device = "cpu", progress: bool | None = None,
+                        quantize: str | None = None, group_size: int | None = None
                         ) -> "KimiVLForConditionalGeneration":
-        """Load an official-format checkpoint directory (see `kimivl.checkpoint.load`)."""
+        """Load an official-format checkpoint directory (see `kimivl.checkpoint.load`); quantize "int8" | "int4"
+        (int4 in groups of group_size, default 128) quantizes the decoder weights while reading them."""
         from .checkpoint import load
-        return load(path, dtype=dtype, device=device, progress=progress)
+        return load(path, dtype=dtype, device=device, progress=progress, quantize=quantize, group_size=group_size)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         """Write the official layout: config.json, safetensors shard(s) and an index when sharded."""

@@ -36,6 +36,16 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--dtype", required=True, choices=DTYPE_CHOICES)
         p.add_argument("--force", action="store_true",
                        help="replace OUT if it is a checkpoint, an empty folder or a symlink (the link, not its target)")
+    p = sub.add_parser("quantize", help="write the weights int8 / int4 in the compressed-tensors layout (vLLM and "
+                                        "from_pretrained load it)")
+    p.add_argument("dir", help="checkpoint directory (only read)")
+    p.add_argument("out", help="output directory (must not exist, unless --force)")
+    p.add_argument("--scheme", required=True, choices=["int8", "int4"],
+                   help="int8: one scale per output channel; int4: one scale per --group-size inputs")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4 group size (default 128)")
+    p.add_argument("--max-shard-size", default="5GB", help="e.g. 2GB (10^9 bytes) or 2GiB; default 5GB")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it is a checkpoint, an empty folder or a symlink (the link, not its target)")
     p = sub.add_parser("make-tiny", help="write a random tiny checkpoint in the official format")
     p.add_argument("out", help="output directory")
     p.add_argument("--preset", default="tiny", choices=sorted(n for n in PRESETS if n != "a3b"))
@@ -91,6 +101,13 @@ def run(args: argparse.Namespace) -> int:
         from .export import export_text
         out = export_text(args.dir, args.out, max_shard_size=args.max_shard_size, force=args.force, progress=True)
         print(f"wrote {out} (load it with transformers' DeepseekV3ForCausalLM.from_pretrained)")
+    elif args.command == "quantize":
+        from .quantize import quantize_checkpoint
+        if args.scheme == "int8" and args.group_size is not None:
+            raise KimiVLError("--group-size is for --scheme int4 (int8 has one scale per output channel)")
+        out = quantize_checkpoint(args.dir, args.out, args.scheme, args.group_size, max_shard_size=args.max_shard_size,
+                                  force=args.force, progress=True)
+        print(f"wrote {out} ({args.scheme}, compressed-tensors pack-quantized)")
     elif args.command == "make-tiny":
         from .tiny import make_tiny
         model = make_tiny(args.out, preset=args.preset, seed=args.seed, shards=args.shards, force=args.force)

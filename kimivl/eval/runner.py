@@ -81,8 +81,10 @@ class ModelPredictor:
     run with nothing left to predict (or refused for another reason) never waits for them."""
 
     def __init__(self, path: str | os.PathLike, *, max_new_tokens: int = 128, dtype: str | None = None,
-                 device: str = "cpu", system: str | None = None, progress: bool | None = None):
+                 device: str = "cpu", system: str | None = None, progress: bool | None = None,
+                 quantize: str | None = None, group_size: int | None = None):
         from ..checkpoint import load_dtype, read_layout
+        from ..quant import Scheme
         from ..processing import KimiVLProcessor
 
         if max_new_tokens < 1:
@@ -99,6 +101,9 @@ class ModelPredictor:
         self.max_new_tokens, self.system = max_new_tokens, system or None
         self.settings = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "system": self.system,
                          "dtype": str(self.dtype).removeprefix("torch.")}
+        self.quantize, self.group_size = quantize, group_size
+        if quantize is not None:  # recorded, so that resuming with another quantization is refused
+            self.settings["quantize"] = str(Scheme.named(quantize, group_size))
         self._model = None
 
     @property
@@ -106,7 +111,8 @@ class ModelPredictor:
         if self._model is None:
             from ..model import KimiVLForConditionalGeneration
             self._model = KimiVLForConditionalGeneration.from_pretrained(
-                self.path, dtype=self.dtype, device=self.device, progress=self.progress)
+                self.path, dtype=self.dtype, device=self.device, progress=self.progress, quantize=self.quantize,
+                group_size=self.group_size)
         return self._model
 
     def conversation(self, sample: Sample) -> list[dict]:
@@ -135,7 +141,7 @@ class ModelPredictor:
 
 def load_predictor(spec: str, **settings) -> Predictor:
     """A stub by name (`stub:oracle`, `stub:echo`) or a checkpoint directory (`ModelPredictor`, given `settings`:
-    max_new_tokens, dtype, device, system, progress; stubs ignore them)."""
+    max_new_tokens, dtype, device, system, progress, quantize, group_size; stubs ignore them)."""
     if spec in STUBS:
         return STUBS[spec]()
     if spec.startswith("stub:"):

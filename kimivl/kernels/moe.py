@@ -16,16 +16,20 @@ import torch.nn.functional as F
 
 from .backend import backend_for
 from .linear import linear
+from .quant import QuantWeight, quant_matmul
 
 
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
                 down_proj: torch.Tensor) -> torch.Tensor:
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]) for every token; returns [T, H] in x's dtype.
 
-    x [T, H]; ids, weights [T, k]; gate_up_proj [E, 2I, H] (gate rows first); down_proj [E, H, I].
+    x [T, H]; ids, weights [T, k]; gate_up_proj [E, 2I, H] (gate rows first); down_proj [E, H, I]: tensors, or
+    `QuantWeight` stacks (quantized experts: the torch path, one quantized product per used expert).
     """
     if ids.numel() == 0:  # no tokens
         return x.new_zeros(x.shape)
+    if isinstance(gate_up_proj, QuantWeight):
+        return moe_experts_grouped(x, ids, weights, gate_up_proj, down_proj)
     if backend_for(x, weights, gate_up_proj, down_proj) == "triton":
         from .triton_moe import moe_experts_triton
         return moe_experts_triton(x, ids, weights, gate_up_proj, down_proj)
@@ -75,7 +79,10 @@ def grouped_linear(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, ends
 
     Inference in float32 on CPU loops over the experts that got rows with `kernels.linear`: torch's CPU grouped_mm
     multiplies as x @ w^T, the slow form there (one A3B MoE layer, 32 decode rows: 493 against 294 ms; 512 prefill
-    tokens: 1,379 against 1,196; one row: the same)."""
+    tokens: 1,379 against 1,196; one row: the same). Quantized w (`QuantWeight`): `quant_matmul` per used expert."""
+    if isinstance(w, QuantWeight):
+        parts = [quant_matmul(xe, w[e]) for e, xe in enumerate(xs.split(counts.tolist())) if xe.shape[0]]
+        return torch.cat(parts) if parts else xs.new_empty(0, w.shape[1])
     if xs.device.type == "cpu" and xs.dtype == torch.float32 and not (torch.is_grad_enabled() and (
             xs.requires_grad or w.requires_grad)):
         parts = [linear(xe, w[e]) for e, xe in enumerate(xs.split(counts.tolist())) if xe.shape[0]]

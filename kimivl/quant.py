@@ -162,6 +162,28 @@ def quantize_modules(model: nn.Module, scheme: Scheme, dtype: torch.dtype, devic
     return targets
 
 
+@torch.no_grad()
+def quantize_model(model: nn.Module, scheme: Scheme) -> nn.Module:
+    """Quantize a float model in memory, in place (as loading with quantize= does; for a model just trained or
+    built). Returns the model."""
+    if getattr(model, "quantization", None) is not None:
+        raise InputError(f"the model is already quantized ({model.quantization})")
+    floats = dict(model.state_dict())
+    device = model.language_model.model.norm.weight.device
+    targets = quantize_modules(model, scheme, model.language_model.model.norm.weight.dtype, device)
+    for name, (target, _) in targets.items():
+        w = floats[name]
+        for e in range(w.shape[0]) if w.dim() == 3 else [None]:
+            dst, src = (target, w) if e is None else (target[e], w[e])
+            for a in range(0, src.shape[0], 4096):  # 4,096-row blocks: a multiple of the int4 kernel's 64
+                fill_rows(dst, slice(a, a + 4096), src[a:a + 4096].float().cpu())
+    for name, p in model.named_parameters():
+        if name.endswith(HELD_FLOAT):
+            p.copy_(round_trip(p, scheme))
+    model.quantization = scheme
+    return model
+
+
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, module)

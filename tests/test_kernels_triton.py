@@ -89,6 +89,23 @@ def test_expert_kernels_match_reference(shape):
     assert rel_err(got, want) <= RTOL
 
 
+@pytest.mark.parametrize("scheme", [(8, None), (4, 32)], ids=["int8", "int4-g32"])
+@pytest.mark.parametrize("shape", MOE_SHAPES[:1] + MOE_SHAPES[2:], ids=lambda s: shape_id(*s))
+def test_quantized_expert_kernels_match_reference(shape, scheme):
+    """w8a16 / w4a16: the expert GEMMs dequantizing each weight tile in the inner loop, against the reference over
+    the dequantized weights. Widths are padded to multiples of 32 so int4 groups fit."""
+    from kimivl.kernels.quant import QuantWeight, dequantize, quantize
+    T, E, H, I, k = shape
+    H, I = -(-H // 32) * 32, -(-I // 32) * 32
+    x, ids, w, gate_up, down = (t.to(DEVICE) for t in moe_inputs(T, E, H, I, k))
+    bits, group = scheme
+    q = [QuantWeight(*quantize(p, bits, group), bits, group, tuple(p.shape)) for p in (gate_up, down)]
+    got = triton_moe.moe_experts_triton(x, ids, w, *q)
+    want = moe_experts_reference(x, ids, w, *(dequantize(qw.data, qw.scale, bits).to(x.dtype) for qw in q))
+    assert got.dtype == x.dtype and got.shape == want.shape
+    assert rel_err(got, want) <= RTOL
+
+
 @pytest.mark.parametrize("D", [64, 37])
 def test_rms_norm_kernel_matches_reference(D):
     """Rows read in place from a strided view (the cache's latent split), D not a power of two too."""
@@ -346,20 +363,23 @@ from kimivl.kernels import triton_mla, triton_moe, triton_norm, triton_routing
 i64, i32 = "*i64", "i32"
 meta = {"block_expert_ptr": i64, "block_first_ptr": i64, "starts_ptr": i64, "ends_ptr": "*i32"}
 gemm = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "PRECISION": "ieee"}
+QUANT = [(0, "*bf16", 1), (8, "*i8", 1), (4, "*u8", 128)]  # (bits, weight type, group)
 kernels = [
     (triton_routing._route_kernel,
      {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "ids_ptr": i64, "wout_ptr": "*fp32", "T": i32, "stride_l": i32,
       "scale": "fp32"},
      {"E": 64, "K": 6, "HAS_BIAS": True, "SOFTMAX": False, "N_GROUP": 4, "TOPK_GROUP": 2, "GROUP_TOP2": True,
       "NORM": True, "BLOCK_T": 16, "BLOCK_E": 64, "BLOCK_G": 4, "BLOCK_K": 8}),
-    (triton_moe._gate_up_kernel,
-     {"x_ptr": "*bf16", "order_ptr": i64, "w_ptr": "*bf16", "h_ptr": "*bf16", **meta, "E": i32, "H": i32, "I": i32,
-      "stride_x": i32, "stride_we": i32, "stride_wn": i32, "stride_h": i32},
-     {"TOP_K": 6, **gemm}),
-    (triton_moe._down_kernel,
-     {"h_ptr": "*bf16", "w_ptr": "*bf16", "order_ptr": i64, "slot_w_ptr": "*fp32", "y_ptr": "*fp32", **meta,
-      "E": i32, "H": i32, "I": i32, "stride_h": i32, "stride_we": i32, "stride_wn": i32, "stride_y": i32},
-     gemm),
+    *[(triton_moe._gate_up_kernel,  # float experts, then int8 and int4 dequantized in the inner loop
+       {"x_ptr": "*bf16", "order_ptr": i64, "w_ptr": w, "s_ptr": "*bf16", "h_ptr": "*bf16", **meta, "E": i32,
+        "H": i32, "I": i32, "stride_x": i32, "stride_we": i32, "stride_wn": i32, "stride_se": i32, "stride_sn": i32,
+        "stride_h": i32},
+       {"TOP_K": 6, **gemm, "BITS": bits, "GROUP": group}) for bits, w, group in QUANT],
+    *[(triton_moe._down_kernel,
+       {"h_ptr": "*bf16", "w_ptr": w, "s_ptr": "*bf16", "order_ptr": i64, "slot_w_ptr": "*fp32", "y_ptr": "*fp32",
+        **meta, "E": i32, "H": i32, "I": i32, "stride_h": i32, "stride_we": i32, "stride_wn": i32, "stride_se": i32,
+        "stride_sn": i32, "stride_y": i32},
+       {**gemm, "BITS": bits, "GROUP": group}) for bits, w, group in QUANT],
     (triton_moe._combine_kernel,
      {"y_ptr": "*fp32", "row_of_slot_ptr": i64, "out_ptr": "*bf16", "T": i32, "H": i32, "stride_y": i32,
       "stride_out": i32},
@@ -405,5 +425,6 @@ def test_kernels_compile_for_a_real_gpu():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     names = [line.split()[0] for line in out.stdout.splitlines()]
-    assert names == ["_route_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel", "_mla_decode_kernel",
+    assert names == ["_route_kernel", *["_gate_up_kernel"] * 3, *["_down_kernel"] * 3, "_combine_kernel",
+                     "_mla_decode_kernel",
                      "_mla_decode_kernel", "_rms_norm_kernel", "_rope_kernel", "_mla_combine_kernel"]

@@ -105,10 +105,13 @@ def test_generic_path_is_exact_without_fast_bfloat16(monkeypatch):
 
 
 @pytest.mark.skipif(not BF16_FAST, reason="the int4 CPU kernel layout is used only on CPUs with fast bfloat16")
-def test_cpu_int4_layout_round_trips_exactly():
-    data, scale = K.quantize(torch.randn(128, 512), 4, 64)
-    back = K.from_cpu_int4(*K.to_cpu_int4(data, scale), 64)
+def test_cpu_int4_layout_round_trips_exactly(monkeypatch):
+    data, scale = K.quantize(torch.randn(192, 512), 4, 64)
+    held = K.to_cpu_int4(data, scale)
+    back = K.from_cpu_int4(*held, 64)
     assert torch.equal(back[0], data) and torch.equal(back[1], scale)
+    monkeypatch.setattr(K, "CONVERT_ROWS", 64)  # blocks of rows convert to the same bytes as the whole
+    assert torch.equal(K.to_cpu_int4(data, scale)[0], held[0])
 
 
 def _fake_quantized(path: str, scheme: Q.Scheme) -> KimiVLForConditionalGeneration:
@@ -167,6 +170,16 @@ def test_quantized_model_on_the_fast_kernels_stays_close(tiny_checkpoint, name, 
     assert any(m.layout == "cpu-int4" for m in model.modules() if isinstance(m, Q.QuantLinear)) == (name == "int4")
     ids = torch.randint(0, 1000, (2, 11))
     assert rel_err(model(ids).logits, _fake_quantized(path, Q.Scheme.named(name, group))(ids).logits) < 0.03
+
+
+def test_quantize_model_in_memory_equals_quantizing_while_loading(tiny_checkpoint):
+    path = tiny_checkpoint()
+    a = Q.quantize_model(KimiVLForConditionalGeneration.from_pretrained(path), Q.Scheme(4, 32))
+    b = KimiVLForConditionalGeneration.from_pretrained(path, quantize="int4", group_size=32)
+    ids = torch.randint(0, 1000, (1, 9))
+    assert torch.equal(a(ids).logits, b(ids).logits)
+    with pytest.raises(InputError, match="already quantized"):
+        Q.quantize_model(a, Q.Scheme(8, None))
 
 
 def test_load_refuses_bad_schemes(tiny_checkpoint):

@@ -24,11 +24,15 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     """sum_k weights[t, k] * Expert_{ids[t, k]}(x[t]) for every token; returns [T, H] in x's dtype.
 
     x [T, H]; ids, weights [T, k]; gate_up_proj [E, 2I, H] (gate rows first); down_proj [E, H, I]: tensors, or
-    `QuantWeight` stacks (quantized experts: the torch path, one quantized product per used expert).
+    `QuantWeight` stacks (quantized experts: the Triton kernels dequantize in their inner loop; the torch path runs
+    one quantized product per used expert).
     """
     if ids.numel() == 0:  # no tokens
         return x.new_zeros(x.shape)
     if isinstance(gate_up_proj, QuantWeight):
+        if gate_up_proj.layout == "canonical" and backend_for(x, weights, gate_up_proj.scale) == "triton":
+            from .triton_moe import moe_experts_triton
+            return moe_experts_triton(x, ids, weights, gate_up_proj, down_proj)
         return moe_experts_grouped(x, ids, weights, gate_up_proj, down_proj)
     if backend_for(x, weights, gate_up_proj, down_proj) == "triton":
         from .triton_moe import moe_experts_triton

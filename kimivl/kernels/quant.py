@@ -31,6 +31,7 @@ SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 QMAX = {8: 127, 4: 7}
 DEQUANT_ROWS = 4096  # output rows dequantized at a time by the generic path (a 2,048-wide float32 block: 32 MiB)
+CONVERT_ROWS = 4096  # rows converted to the CPU int4 kernel's layout at a time (a 2,048-wide int32 block: 32 MiB)
 INT8PACK_MAX_ROWS = 32  # from 32 input rows, dequantize-to-bfloat16 + GEMM beats _weight_int8pack_mm (AVX512 here)
 
 
@@ -108,10 +109,12 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.
 def to_cpu_int4(data: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical int4 (data [N, K/2], scale [N, K/group]) -> the operands of `_weight_int4pack_mm_for_cpu`: weights
     uint8 [N, K/2] in the kernel's own order, scales-and-zeros bfloat16 [K/group, N, 2] (zeros 0: symmetric; the
-    kernel computes (u - 8) * scale + zero from the stored u = q + 8). Converted 64 rows at a time (the kernel's
-    blocks), so the unpacked int32 temporary stays small."""
-    rows = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(data[i:i + 64]).to(torch.int32) + 8, 1)
-            for i in range(0, data.shape[0], 64)]
+    kernel computes (u - 8) * scale + zero from the stored u = q + 8). Converted CONVERT_ROWS rows at a time (a
+    multiple of the kernel's 64-row blocks, which convert independently), so the unpacked int32 temporary stays
+    small."""
+    rows = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(data[i:i + CONVERT_ROWS]).to(torch.int32)
+                                                               + 8, 1)
+            for i in range(0, data.shape[0], CONVERT_ROWS)]
     zeros = torch.zeros_like(scale)
     return torch.cat(rows), torch.stack([scale, zeros], dim=-1).transpose(0, 1).contiguous()
 

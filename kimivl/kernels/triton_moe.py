@@ -6,6 +6,10 @@
    SwiGLU applied in the epilogue: h [T*k, I] in x's dtype;
 3. down GEMM: y = h @ down[e].T, rounded to x's dtype (the official order), times the slot's float32 weight;
 4. combine: out[t] = sum over its k slots, in a fixed order (no atomics: deterministic), cast to x's dtype.
+Quantized experts (`kernels.quant.QuantWeight`, canonical layout) go through the same GEMMs with each weight tile
+dequantized in the inner loop (w8a16 / w4a16): int8 times its row's scale, or int4 nibbles (stored + 8, the even
+input in the low nibble) times their group's scale, rounded to x's dtype before the dot, as the float weights would
+be.
 Imported only when the triton backend is chosen; on CPU tensors the kernels run in the Triton interpreter.
 """
 
@@ -17,6 +21,7 @@ import triton.language as tl
 
 from .backend import tl_precision
 from .moe import dispatch, inverse_permutation
+from .quant import QuantWeight
 
 # Tile shapes per regime: few rows per expert (decode: the weights stream through once, reading them is the cost)
 # and many (prefill: a real GEMM). num_warps / num_stages are Triton's launch options. Decode: narrower, deeper tiles
@@ -35,10 +40,29 @@ def _block_rows(e, starts_ptr, ends_ptr, block_first_ptr, BLOCK_M: tl.constexpr)
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, order_ptr, w_ptr, h_ptr, block_expert_ptr, block_first_ptr, starts_ptr, ends_ptr,
-                    E, H, I, stride_x, stride_we, stride_wn, stride_h,
+def _weight_tile(w_ptr, s_ptr, e, n, ks, mask, stride_we, stride_wn, stride_se, stride_sn, dtype,
+                 BITS: tl.constexpr, GROUP: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile W[e, n, ks]^T in `dtype`: loaded (BITS 0: float weights) or dequantized (8: int8
+    with a scale per row n; 4: packed int4 with a scale per GROUP inputs)."""
+    row = w_ptr + e.to(tl.int64) * stride_we + n[None, :].to(tl.int64) * stride_wn
+    if BITS == 0:
+        return tl.load(row + ks[:, None], mask=mask, other=0.0)
+    srow = s_ptr + e.to(tl.int64) * stride_se + n[None, :].to(tl.int64) * stride_sn
+    if BITS == 8:
+        q = tl.load(row + ks[:, None], mask=mask, other=0).to(tl.float32)
+        scale = tl.load(srow, mask=mask, other=0.0).to(tl.float32)
+    else:
+        byte = tl.load(row + (ks // 2)[:, None], mask=mask, other=0).to(tl.int32)
+        q = ((byte >> ((ks % 2) * 4)[:, None]) & 15).to(tl.float32) - 8.0
+        scale = tl.load(srow + (ks // GROUP)[:, None], mask=mask, other=0.0).to(tl.float32)
+    return (q * scale).to(dtype)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, order_ptr, w_ptr, s_ptr, h_ptr, block_expert_ptr, block_first_ptr, starts_ptr, ends_ptr,
+                    E, H, I, stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_h,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr):
     """h[rows, n] = silu(x[tok] @ gate[e].T) * (x[tok] @ up[e].T) for one row block of one expert."""
     e = tl.load(block_expert_ptr + tl.program_id(0))
     if e >= E:  # past the last row block in use
@@ -47,7 +71,6 @@ def _gate_up_kernel(x_ptr, order_ptr, w_ptr, h_ptr, block_expert_ptr, block_firs
     token = tl.load(order_ptr + rows, mask=row_ok, other=0) // TOP_K
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
-    w_gate = w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn  # gate rows 0..I-1, up rows I..2I-1
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -56,19 +79,22 @@ def _gate_up_kernel(x_ptr, order_ptr, w_ptr, h_ptr, block_expert_ptr, block_firs
         a = tl.load(x_ptr + token[:, None].to(tl.int64) * stride_x + ks[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = col_ok[None, :] & k_ok[:, None]
-        acc_gate = tl.dot(a, tl.load(w_gate + ks[:, None], mask=w_mask, other=0.0), acc_gate,
-                          input_precision=PRECISION)
-        acc_up = tl.dot(a, tl.load(w_gate + I * stride_wn + ks[:, None], mask=w_mask, other=0.0), acc_up,
-                        input_precision=PRECISION)
+        gate = _weight_tile(w_ptr, s_ptr, e, cols, ks, w_mask, stride_we, stride_wn, stride_se, stride_sn, a.dtype,
+                            BITS, GROUP)  # gate rows 0..I-1, up rows I..2I-1
+        up = _weight_tile(w_ptr, s_ptr, e, cols + I, ks, w_mask, stride_we, stride_wn, stride_se, stride_sn, a.dtype,
+                          BITS, GROUP)
+        acc_gate = tl.dot(a, gate, acc_gate, input_precision=PRECISION)
+        acc_up = tl.dot(a, up, acc_up, input_precision=PRECISION)
     h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
     tl.store(h_ptr + rows[:, None].to(tl.int64) * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_ptr, order_ptr, slot_w_ptr, y_ptr, block_expert_ptr, block_first_ptr, starts_ptr,
-                 ends_ptr, E, H, I, stride_h, stride_we, stride_wn, stride_y,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _down_kernel(h_ptr, w_ptr, s_ptr, order_ptr, slot_w_ptr, y_ptr, block_expert_ptr, block_first_ptr, starts_ptr,
+                 ends_ptr, E, H, I, stride_h, stride_we, stride_wn, stride_se, stride_sn, stride_y,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                 BITS: tl.constexpr, GROUP: tl.constexpr):
     """y[rows, n] = float(round(h[rows] @ down[e].T)) * weight of the row's slot (float32)."""
     e = tl.load(block_expert_ptr + tl.program_id(0))
     if e >= E:  # past the last row block in use
@@ -76,15 +102,15 @@ def _down_kernel(h_ptr, w_ptr, order_ptr, slot_w_ptr, y_ptr, block_expert_ptr, b
     rows, row_ok = _block_rows(e, starts_ptr, ends_ptr, block_first_ptr, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
-    w_base = w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < I
         a = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + ks[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(a, tl.load(w_base + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0), acc,
-                     input_precision=PRECISION)
+        w = _weight_tile(w_ptr, s_ptr, e, cols, ks, col_ok[None, :] & k_ok[:, None], stride_we, stride_wn, stride_se,
+                         stride_sn, a.dtype, BITS, GROUP)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
     slot_w = tl.load(slot_w_ptr + tl.load(order_ptr + rows, mask=row_ok, other=0), mask=row_ok, other=0.0)
     y = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * slot_w[:, None]
     tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y, mask=row_ok[:, None] & col_ok[None, :])
@@ -115,9 +141,22 @@ def row_blocks(counts: torch.Tensor, block_m: int, max_blocks: int) -> tuple[tor
     return block_expert, block_end - blocks
 
 
-def moe_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
-                       down_proj: torch.Tensor) -> torch.Tensor:
-    """`moe_experts` through the Triton kernels; same arguments and result."""
+def _operands(w: torch.Tensor | QuantWeight, x: torch.Tensor) -> tuple:
+    """(weights, scales, stride_we, stride_wn, stride_se, stride_sn, bits, group) for the kernels: float weights have
+    no scales (x stands in for the unused pointer) and bits 0."""
+    if not isinstance(w, QuantWeight):
+        w = w.contiguous()
+        return w, x, w.stride(0), w.stride(1), 0, 0, 0, 1
+    if w.layout != "canonical":
+        raise ValueError(f"the Triton expert kernels read the canonical quantized layout, not {w.layout!r}")
+    data, scale = w.data.contiguous(), w.scale.contiguous()
+    return data, scale, data.stride(0), data.stride(1), scale.stride(0), scale.stride(1), w.bits, w.group or 1
+
+
+def moe_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                       gate_up_proj: torch.Tensor | QuantWeight, down_proj: torch.Tensor | QuantWeight
+                       ) -> torch.Tensor:
+    """`moe_experts` through the Triton kernels; same arguments (float or quantized experts) and result."""
     T, k = ids.shape
     E, two_i, H = gate_up_proj.shape
     I = two_i // 2
@@ -125,7 +164,9 @@ def moe_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     out = torch.empty(T, H, device=x.device, dtype=x.dtype)
     if n == 0:
         return out
-    x, gate_up_proj, down_proj = x.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous()
+    x = x.contiguous()
+    gu, gu_s, gu_we, gu_wn, gu_se, gu_sn, bits, group = _operands(gate_up_proj, x)
+    dn, dn_s, dn_we, dn_wn, dn_se, dn_sn, _, _ = _operands(down_proj, x)
     order, counts, ends = dispatch(ids, E)
     tiles = DECODE_TILES if n <= 16 * E else PREFILL_TILES  # few rows per expert (decode): small blocks waste less
     block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
@@ -136,12 +177,12 @@ def moe_experts_triton(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 
     h = torch.empty(n, I, device=x.device, dtype=x.dtype)  # sorted rows
     _gate_up_kernel[(num_blocks, triton.cdiv(I, block_n))](
-        x, order, gate_up_proj, h, *meta, E, H, I, x.stride(0), gate_up_proj.stride(0),
-        gate_up_proj.stride(1), h.stride(0), TOP_K=k, PRECISION=precision, **tiles)
+        x, order, gu, gu_s, h, *meta, E, H, I, x.stride(0), gu_we, gu_wn, gu_se, gu_sn, h.stride(0), TOP_K=k,
+        PRECISION=precision, BITS=bits, GROUP=group, **tiles)
     y = torch.empty(n, H, device=x.device, dtype=torch.float32)
     _down_kernel[(num_blocks, triton.cdiv(H, block_n))](
-        h, down_proj, order, weights.contiguous().view(-1).float(), y, *meta, E, H, I, h.stride(0),
-        down_proj.stride(0), down_proj.stride(1), y.stride(0), PRECISION=precision, **tiles)
+        h, dn, dn_s, order, weights.contiguous().view(-1).float(), y, *meta, E, H, I, h.stride(0), dn_we, dn_wn,
+        dn_se, dn_sn, y.stride(0), PRECISION=precision, BITS=bits, GROUP=group, **tiles)
     row_of_slot = inverse_permutation(order)
     block_t, block_h = 16, 64
     _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](

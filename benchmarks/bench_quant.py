@@ -2,19 +2,25 @@
 
     .venv/bin/python benchmarks/bench_quant.py layers [--repeats 30] [--out DIR]
     .venv/bin/python benchmarks/bench_quant.py a3b [--work /tmp/kimivl-bench-quant] [--schemes int8,int4] [--out DIR]
+    .venv/bin/python benchmarks/bench_quant.py accuracy [--model runs/tiny-shapes] [--out DIR]
 
 `layers`: one attention layer (batch-1 decode step over a 512-token latent cache) and one MoE layer (64 routed experts,
 top 6, plus the shared ones; a different token each call, so the experts change) at A3B widths (the published
 config.json), random weights (N(0, 0.02)), float32 against int8 and int4 (groups of 128) in the same process, with
 the memory-bandwidth roofline for the bytes each call reads: the weights it uses, as stored (float32, or int8 / int4
-plus bfloat16 scales), and the cache; bandwidth probed in the same interleaved rounds (limits.Machine). Also the
-output error of each quantized layer against float32 (|y_q - y| / |y| over 64 tokens).
+plus bfloat16 scales), and the cache; bandwidth probed over 2 GiB in the same interleaved rounds (limits.Machine).
+Also the output error of each quantized layer against float32 (|y_q - y| / |y| over 64 tokens).
+
+`accuracy`: held-out exact match (`kimivl eval`, `ocr` metric) of a model that knows something, loaded in float32,
+int8 and int4 (groups of 32: its widths are 64-256): recipes/tiny_shapes.py's model (the colour and the number of
+shapes in an image), given as --model (default runs/tiny-shapes, where the recipe writes it).
 
 `a3b`: the full model (MoonViT, projector, 27-layer decoder) written once as a random bfloat16 checkpoint in the
 official layout under --work (33 GB, the published config.json and tokenizer files; kept out of git), then, for each
 scheme in a fresh process: load time and peak resident memory while loading (`from_pretrained(quantize=...)`, the
 weights read from disk), time to first token and to 64 tokens for one image (assets/sample.png) and a question, and
-decode tokens/s at 512 and 4,096 tokens of context (a random latent cache, batch 1). float32 (65 GB) and bfloat16
+decode tokens/s at 512 and 4,096 tokens of context (a random latent cache, batch 1). A scheme named `int4-ct` is
+first written by `kimivl-weights quantize` (compressed-tensors) and then loaded from that. float32 (65 GB) and bfloat16
 (33 GB) do not fit in this machine's 24 GiB, so there is no float row.
 """
 
@@ -106,7 +112,7 @@ def layers(args: argparse.Namespace) -> dict:
             c[0] += 1
             return layer.mlp(xs[c[0] % 64])
         fns[f"attention {name}"], fns[f"moe {name}"] = attn, moe
-    machine = Machine(device, torch.float32, [])
+    machine = Machine(device, torch.float32, [], probe_elements=512 * 2 ** 20)  # 2 GiB: beyond any cache
     with torch.no_grad():
         times = best_times(fns | machine.probes(), args.repeats, device)
         bw = machine.bandwidth(times)
@@ -174,9 +180,18 @@ def run_scheme(ckpt: Path, scheme: str, contexts: list[int]) -> dict:
     from kimivl.generation import generate_tokens, GenerationConfig
     from kimivl.model import KimiVLForConditionalGeneration
     from kimivl.processing import KimiVLProcessor
+    written = None
+    if scheme.endswith("-ct"):  # first written as a compressed-tensors checkpoint (another process), then loaded
+        scheme, src, ckpt = scheme[:-3], ckpt, ckpt.parent / f"a3b-{scheme}"
+        if not (ckpt / "config.json").exists():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "weights_tools", "quantize", str(src), str(ckpt), "--scheme", scheme],
+                           check=True, capture_output=True, cwd=ROOT)
+            written = time.perf_counter() - t0
     base = peak_rss()
     t0 = time.perf_counter()
-    model = KimiVLForConditionalGeneration.from_pretrained(ckpt, quantize=scheme, progress=False)
+    model = KimiVLForConditionalGeneration.from_pretrained(ckpt, quantize=None if written is not None or
+                                                           ckpt.name.endswith("-ct") else scheme, progress=False)
     load_s = time.perf_counter() - t0
     load_peak = peak_rss()
     processor = KimiVLProcessor.from_pretrained(ckpt)
@@ -209,7 +224,8 @@ def run_scheme(ckpt: Path, scheme: str, contexts: list[int]) -> dict:
                 times.append(time.perf_counter() - s)
             decode[context] = sorted(times[2:])[len(times[2:]) // 2]  # median after two warm-up steps
             del cache
-    return {"scheme": scheme, "load s": load_s, "load peak GB": (load_peak - base) / 1e9,
+    return {"scheme": scheme, "from": ckpt.name, "files GB": sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+            / 1e9, "quantize_checkpoint s": written, "load s": load_s, "load peak GB": (load_peak - base) / 1e9,
             "peak GB": (peak_rss() - base) / 1e9, "model GB": quantized_bytes(model) / 1e9,
             "prompt tokens": prompt, "ttft s": ttft, "64 tokens s": total, "new tokens": n,
             "decode ms": {str(c): v * 1e3 for c, v in decode.items()},
@@ -247,19 +263,36 @@ def a3b(args: argparse.Namespace) -> dict:
         f.stat().st_size for f in ckpt.glob("*.safetensors")) / 1e9, "rows": results}
 
 
+def accuracy(args: argparse.Namespace) -> dict:
+    from kimivl.eval.runner import run_benchmark
+    root = Path(args.model)
+    rows = []
+    for name, scheme, group in (("float32", None, None), ("int8", "int8", None), ("int4 g32", "int4", 32)):
+        t0 = time.perf_counter()
+        report = run_benchmark(str(root / "sft" / "model"), root / "heldout" / "heldout.jsonl", "ocr",
+                               Path(args.work) / f"accuracy-{name.replace(' ', '-')}", progress=False,
+                               quantize=scheme, group_size=group)
+        rows.append({"weights": name, "exact match": report["overall"]["score"], "n": report["overall"]["n"],
+                     **{k: v["score"] for k, v in report["categories"].items()},
+                     "seconds": time.perf_counter() - t0})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return {"model": str(root / "sft" / "model"), "rows": rows, "machine": describe(torch.device("cpu"))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["layers", "a3b", "a3b-run"])
+    p.add_argument("part", choices=["layers", "a3b", "a3b-run", "accuracy"])
     p.add_argument("args", nargs="*")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--work", default="/tmp/kimivl-bench-quant")
     p.add_argument("--schemes", default="int8,int4")
     p.add_argument("--out", help="write the result JSON here (a folder)")
+    p.add_argument("--model", default=str(ROOT / "runs" / "tiny-shapes"), help="recipes/tiny_shapes.py's --out")
     args = p.parse_args()
     if args.part == "a3b-run":
         print(json.dumps(run_scheme(Path(args.args[0]), args.args[1], [512, 4096])))
         return
-    result = layers(args) if args.part == "layers" else a3b(args)
+    result = {"layers": layers, "a3b": a3b, "accuracy": accuracy}[args.part](args)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

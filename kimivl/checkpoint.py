@@ -582,6 +582,9 @@ def save(model, path: str | os.PathLike, max_shard_size: int | str = "5GB",
     step (`fsutil.publish_dir`): killed at any instant, `path` holds the old model or the new one. What a killed
     earlier save left beside `path` is removed first.
     """
+    if getattr(model, "quantization", None) is not None:
+        raise InputError(f"this model was loaded quantized ({model.quantization}) and is not saved as such; write a "
+                         "quantized checkpoint from its float original with `kimivl-weights quantize`")
     path, max_bytes = Path(path), parse_size(max_shard_size)
     if path.is_symlink():
         path = path.resolve()

@@ -44,7 +44,7 @@ def test_int4_hand_computed():
 
 
 def test_formats_match_compressed_tensors_packing():
-    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    import compressed_tensors.compressors.pack_quantized.helpers as ct
     q4 = torch.randint(-8, 8, (48, 64), dtype=torch.int8)
     q8 = torch.randint(-128, 128, (48, 64), dtype=torch.int8)
     for q, bits, data in ((q4, 4, K.pack_int4(q4)), (q8, 8, q8)):
@@ -217,13 +217,12 @@ def test_compressed_checkpoint_loads_as_quantizing_while_loading(tiny_checkpoint
 def test_compressed_tensors_library_reads_what_we_write(tiny_checkpoint, compressed):
     """The library itself parses the config and decompresses every quantized weight to what we dequantize (it
     computes q * scale in the scale's dtype, bfloat16, so ours is compared after the same rounding)."""
-    ct = pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
 
     qc = QuantizationConfig.model_validate(json.loads((compressed / "config.json").read_text())["quantization_config"])
-    assert qc.format == "pack-quantized" and ct is not None
+    assert qc.format == "pack-quantized"
     scheme = qc.config_groups["group_0"]
     tensors = {}
     for f in compressed.glob("*.safetensors"):
@@ -263,3 +262,41 @@ def test_unreadable_quantization_config_is_refused(tiny_checkpoint, tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="not a quantization kimivl reads"):
         KimiVLForConditionalGeneration.from_pretrained(out)
+
+
+def test_cli_generate_and_eval_with_quantize(tiny_checkpoint, tmp_path, capsys):
+    """`--quantize` on generate answers as the API does with the same quantized model; on eval it is recorded, so
+    resuming with another quantization is refused; a bad group size is a one-line error."""
+    from kimivl import KimiVLProcessor, generate
+    from kimivl.cli import main
+    path = tiny_checkpoint()
+    sample = "assets/sample.png"
+    args = ["generate", "--model", path, "--image", sample, "--prompt", "What is in the image?",
+            "--max-new-tokens", "8", "--no-stream", "--quantize", "int4", "--group-size", "32"]
+    assert main(args) == 0
+    msgs = [{"role": "user", "content": [{"type": "image", "image": sample},
+                                         {"type": "text", "text": "What is in the image?"}]}]
+    model = KimiVLForConditionalGeneration.from_pretrained(path, quantize="int4", group_size=32)
+    assert capsys.readouterr().out == generate(model, KimiVLProcessor.from_pretrained(path), msgs,
+                                               max_new_tokens=8) + "\n"
+    assert main(args[:-2]) == 1  # int4 in groups of 128 does not fit the tiny model's 32-wide experts
+    err = capsys.readouterr().err
+    assert "use a group size of 32" in err and err.count("\n") == 1
+    data = tmp_path / "s.tsv"
+    assert main(["eval", "make-synthetic", str(data), "--n", "4"]) == 0
+    run = ["eval", "--model", path, "--data", str(data), "--metric", "ocr", "--out", str(tmp_path / "e"),
+           "--max-new-tokens", "4", "--no-progress"]
+    assert main(run + ["--quantize", "int8"]) == 0
+    assert '"quantize": "int8 (per channel)"' in (tmp_path / "e" / "run.json").read_text()
+    capsys.readouterr()
+    assert main(run) == 1  # the same folder, now unquantized: refused rather than mixed
+
+
+def test_quantized_model_is_neither_saved_nor_trained(tiny_checkpoint, tmp_path):
+    from kimivl.train.run import TrainConfig, prepare
+    model = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint(), quantize="int8")
+    with pytest.raises(InputError, match="kimivl-weights quantize"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match="finetune its float checkpoint"):
+        prepare(model, TrainConfig(out=str(tmp_path / "run")))

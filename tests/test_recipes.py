@@ -91,3 +91,23 @@ def test_glyph_targets_put_each_character_where_its_ink_is():
                 assert targets["prev"][k] == (tiny_ocr.CHARS.index(text[i - 1]) if i else tiny_ocr.EDGE)
                 assert targets["next"][k] == (tiny_ocr.CHARS.index(text[i + 1]) if i + 1 < len(text)
                                               else tiny_ocr.EDGE)
+
+
+def test_tiny_shapes_recipe_trains_and_scores_and_its_items_say_what_they_show(tmp_path):
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from tiny_shapes import Shapes, draw_item
+    import random
+    from kimivl.eval.synthetic import COLOURS
+    for i in range(20):  # the answer is the colour drawn, and each shape is a blob of that colour
+        image, name, count = draw_item(random.Random(i))
+        colours = {c for _, c in image.getcolors(1 << 20)}
+        assert COLOURS[name] in colours and 1 <= count <= 4
+    convo = Shapes(4, seed=0)[1]
+    assert convo[1]["content"] in set(COLOURS) | {"1", "2", "3", "4"}
+    done = subprocess.run([sys.executable, str(ROOT / "recipes" / "tiny_shapes.py"), "--out", str(tmp_path),
+                           "--steps", "2", "--batch-size", "2", "--eval-n", "4"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["heldout"]["n"] == 4 and set(summary["categories"]) == {"colour", "count"}
+    KimiVLForConditionalGeneration.from_pretrained(tmp_path / "sft" / "model", quantize="int4", group_size=32)

@@ -135,6 +135,9 @@ def checkpoint_due(done: int, skipped: list[int], config: TrainConfig) -> bool:
 def prepare(model: torch.nn.Module, config: TrainConfig) -> list[torch.nn.Parameter]:
     """Apply LoRA, freezing and gradient checkpointing to the model from outside; return the trainable parameters.
     Router correction biases never take gradients (only the balance update moves them)."""
+    if getattr(model, "quantization", None) is not None:
+        raise InputError(f"the model was loaded quantized ({model.quantization}): finetune its float checkpoint "
+                         "(training over a frozen quantized base, QLoRA, is not supported yet)")
     if config.lora_rank:
         apply_lora(model, tuple(config.lora_targets), config.lora_rank, config.lora_alpha, config.lora_dropout)
     frozen = tuple(PARTS[p] + "." for p in config.freeze)

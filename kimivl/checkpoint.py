@@ -30,7 +30,7 @@ from .config import KimiVLConfig
 from . import fsutil
 from .errors import CheckpointError, InputError, KimiVLError
 from .generation import GENERATION_CONFIG_NAME, CheckpointGeneration
-from .quant import (HELD_FLOAT, TARGET, QuantWeight, Scheme, compressed_shapes, dequantize, fill_rows, in_layout,
+from .quant import (HELD_FLOAT, INT8_ROWS, TARGET, QuantWeight, Scheme, compressed_shapes, dequantize, fill_rows, in_layout,
                     put_rows, quantize_modules, round_trip, scheme_of, unpack_int32)
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -481,8 +481,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
         for name, (target, _) in targets.items():
             read_quantized(layout, name, target, stored, bar)
     missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
-    if unexpected or any(model.get_buffer(k).is_meta if k.endswith(("data", "scale")) else True for k in missing):
-        raise CheckpointError(f"{path}: internal error: tensors left unfilled: {missing + unexpected}")
+    unfilled = unexpected + [k for k in missing if not k.endswith((".data", ".scale"))]  # quantized: filled above
+    if unfilled:
+        raise CheckpointError(f"{path}: internal error: tensors left unfilled: {unfilled}")
     model.generation_config = CheckpointGeneration.read(path)
     model.quantization = scheme
     return model.eval()
@@ -532,7 +533,7 @@ def read_quantized(layout: Layout, name: str, target: QuantWeight, stored: Schem
                 put_rows(target[e], slice(None), *in_layout(data, scale, target.layout))
             bar.update(sum(layout.info(k).nbytes for off, _ in parts for k in official_names(off, stored)))
         return
-    if stored is None or name.endswith(INT8_DENSE):  # a float tensor, quantized block by block
+    if stored is None or name in INT8_ROWS:  # a float tensor (lm_head, embedding: in every file), block by block
         info = layout.info(name)
         N = info.shape[0]
         step = max(64, ROW_BLOCK_BYTES // max(1, info.nbytes // N) // 64 * 64)
@@ -544,9 +545,6 @@ def read_quantized(layout: Layout, name: str, target: QuantWeight, stored: Schem
     data = unpack_int32(read_tensor(layout.file(name + "_packed"), layout.info(name + "_packed")), stored.bits)
     put_rows(target, slice(None), *in_layout(data, _stored_scale(layout, name, stored), target.layout))
     bar.update(sum(layout.info(k).nbytes for k in official_names(name, stored)))
-
-
-INT8_DENSE = ("lm_head.weight", "embed_tokens.weight")  # int8 in memory, dense in every file
 
 
 def _stored_scale(layout: Layout, name: str, stored: Scheme) -> torch.Tensor:

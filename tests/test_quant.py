@@ -97,11 +97,12 @@ def test_generic_path_is_exact_without_fast_bfloat16(monkeypatch):
     """Where the CPU has no fast bfloat16 (AVX2), both schemes dequantize to float32: the reference, up to summation
     order; and blocks of DEQUANT_ROWS rows cover the whole output."""
     monkeypatch.setattr(K, "cpu_bf16_fast", lambda: False)
-    monkeypatch.setattr(K, "DEQUANT_ROWS", 40)  # 96 rows: blocks of 40, 40, 16
+    monkeypatch.setattr(K, "DEQUANT_ROWS", 40)  # 96 rows: blocks of 40, 40, 16 for many input rows
+    monkeypatch.setattr(K, "FEW_ROWS_BLOCK", 64)  # and of 64, 32 for few
     for bits, group in ((8, None), (4, 32)):
         w = _weight(bits, group, "canonical")
-        x = torch.randn(3, 7, 256)
-        assert rel_err(K.quant_matmul(x, w), K.quant_matmul_reference(x, w)) < 1e-6
+        for x in (torch.randn(3, 7, 256), torch.randn(2, 256)):
+            assert rel_err(K.quant_matmul(x, w), K.quant_matmul_reference(x, w)) < 1e-6
 
 
 @pytest.mark.skipif(not BF16_FAST, reason="the int4 CPU kernel layout is used only on CPUs with fast bfloat16")

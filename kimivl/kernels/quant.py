@@ -31,6 +31,9 @@ SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 QMAX = {8: 127, 4: 7}
 DEQUANT_ROWS = 4096  # output rows dequantized at a time by the generic path (a 2,048-wide float32 block: 32 MiB)
+# ... and for fewer than INT8PACK_MAX_ROWS input rows: a block that stays in cache (2,048 wide: 4 MiB in float32).
+# Forcing this path on the AVX-512 EPYC, int8, 2816 x 2048, 1 row: 1.08 ms against float32's 1.28 (4,096 rows: 1.48)
+FEW_ROWS_BLOCK = 512
 CONVERT_ROWS = 4096  # rows converted to the CPU int4 kernel's layout at a time (a 2,048-wide int32 block: 32 MiB)
 INT8PACK_MAX_ROWS = 32  # from 32 input rows, dequantize-to-bfloat16 + GEMM beats _weight_int8pack_mm (AVX512 here)
 
@@ -190,9 +193,14 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     else:
         dtype = torch.bfloat16 if rows.device.type == "cpu" and cpu_bf16_fast() else rows.dtype
         xr = rows.to(dtype)
-        out = torch.cat([F.linear(xr, dequantize(w.data[i:i + DEQUANT_ROWS], w.scale[i:i + DEQUANT_ROWS], w.bits,
-                                                 dtype))
-                         for i in range(0, w.shape[0], DEQUANT_ROWS)], dim=-1)
+        step = DEQUANT_ROWS if rows.shape[0] >= INT8PACK_MAX_ROWS else FEW_ROWS_BLOCK
+        if w.bits == 8:  # one scale per output row: applied to the product, the block converts without it
+            parts = [F.linear(xr, w.data[i:i + step].to(dtype)).float() * w.scale[i:i + step].float()
+                     for i in range(0, w.shape[0], step)]
+        else:
+            parts = [F.linear(xr, dequantize(w.data[i:i + step], w.scale[i:i + step], w.bits, dtype))
+                     for i in range(0, w.shape[0], step)]
+        out = torch.cat(parts, dim=-1)
     return out.to(x.dtype).view(*x.shape[:-1], w.shape[0])
 
 

@@ -142,18 +142,18 @@ def prefill_flops(lm, cfg: TextConfig, T: int) -> float:
 class Ours:
     name = "kimivl"
 
-    def __init__(self, ckpt: Path):
-        self.lm = KimiVLForConditionalGeneration.from_pretrained(ckpt).language_model
-        self.cfg = self.lm.config
+    def __init__(self, ckpt: Path, dtype: torch.dtype = torch.float32):
+        self.lm = KimiVLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype).language_model
+        self.cfg, self.dtype = self.lm.config, dtype
 
     @torch.no_grad()
     def decoder(self, batch: int, context: int, steps: int):
         cfg, lm = self.cfg, self.lm
-        cache = MLACache(cfg, batch, context + steps + 4)
+        cache = MLACache(cfg, batch, context + steps + 4, dtype=self.dtype)
         gen = torch.Generator().manual_seed(0)
         for layer in range(cfg.num_hidden_layers):
-            cache.write(layer, torch.randn(batch, context, cfg.kv_lora_rank, generator=gen),
-                        torch.randn(batch, context, cfg.qk_rope_head_dim, generator=gen))
+            cache.write(layer, torch.randn(batch, context, cfg.kv_lora_rank, generator=gen).to(self.dtype),
+                        torch.randn(batch, context, cfg.qk_rope_head_dim, generator=gen).to(self.dtype))
         cache.valid[:, :context] = True
         cache.advance(context)
         token = torch.randint(0, cfg.vocab_size, (batch, 1), generator=gen)
@@ -170,7 +170,7 @@ class Ours:
         ids = torch.randint(0, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(1))
 
         def run():
-            cache = MLACache(cfg, 1, T)
+            cache = MLACache(cfg, 1, T, dtype=self.dtype)
             hidden = lm.hidden_states(lm.model.embed_tokens(ids), torch.arange(T)[None], None, cache)
             return lm.lm_head(hidden[:, -1]).float()
         return run

@@ -38,7 +38,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="answer length limit, greedy decoding (default 128; Thinking models need thousands)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)")
+                   help="weights dtype (default: the checkpoint's; float32 on a CPU without fast bfloat16)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     _add_quantize_args(p)
     p.add_argument("--system", help="system prompt (default: the chat format's)")
@@ -92,7 +92,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)")
+                   help="weights dtype (default: the checkpoint's; float32 on a CPU without fast bfloat16)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     _add_quantize_args(p)
     p.add_argument("--system", help="system prompt (default: the chat format's 'You are a helpful assistant')")

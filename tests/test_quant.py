@@ -301,3 +301,16 @@ def test_quantized_model_is_neither_saved_nor_trained(tiny_checkpoint, tmp_path)
     assert not (tmp_path / "out").exists()
     with pytest.raises(InputError, match="finetune its float checkpoint"):
         prepare(model, TrainConfig(out=str(tmp_path / "run")))
+
+
+def test_default_dtype_follows_the_cpu(monkeypatch):
+    """dtype=None: the checkpoint's torch_dtype, except float32 on a CPU without fast bfloat16."""
+    from kimivl.checkpoint import load_dtype
+    from kimivl.config import KimiVLConfig
+    bf16 = KimiVLConfig.preset("tiny")
+    bf16.torch_dtype = "bfloat16"
+    monkeypatch.setattr(K, "cpu_bf16_fast", lambda: True)
+    assert load_dtype(None, "cpu", bf16) == torch.bfloat16 and load_dtype("float32", "cpu", bf16) == torch.float32
+    monkeypatch.setattr(K, "cpu_bf16_fast", lambda: False)
+    assert load_dtype(None, "cpu", bf16) == torch.float32
+    assert load_dtype(None, "cpu", KimiVLConfig.preset("tiny")) == torch.float32  # a float32 checkpoint stays so

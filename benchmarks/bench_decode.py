@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_decode.py [--layers 3] [--work /tmp/kimivl-bench-decode] [--quick]
 
 The model: A3B's decoder widths (hidden 2048, 16 heads, kv_lora_rank 512, 64 routed experts top-6 plus the shared
-ones, the 163,840-token vocabulary) with its first --layers layers (one dense, the rest MoE), random weights, float32.
+ones, the 163,840-token vocabulary) with its first --layers layers (one dense, the rest MoE), random weights, float32
+(or --dtype bfloat16, on a CPU with fast bfloat16: kimivl alone).
 It is written once as an official checkpoint under --work and exported with `weights_tools export-text`, so kimivl
 and transformers' DeepseekV3ForCausalLM run the same weights, each in a fresh process of its own (never both in
 memory).
@@ -84,10 +85,10 @@ def write_model(work: Path, layers: int) -> tuple[Path, Path]:
     return ckpt, hf
 
 
-def load_peak(path: Path, library: str) -> tuple[float, float]:
+def load_peak(path: Path, library: str, dtype: str = "float32") -> tuple[float, float]:
     """(seconds, peak RSS above the imports / weight bytes) of loading `path` in a fresh process."""
-    module, name, kwargs = (("kimivl", "KimiVLForConditionalGeneration", "") if library == "kimivl" else
-                            ("transformers", "DeepseekV3ForCausalLM", ", dtype=torch.float32"))
+    module, name, kwargs = (("kimivl", "KimiVLForConditionalGeneration", f", dtype=torch.{dtype}") if library == "kimivl"
+                            else ("transformers", "DeepseekV3ForCausalLM", ", dtype=torch.float32"))
     code = (f"import resource, sys, time, torch; from {module} import {name} as M; "
             "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024; imports = peak(); "
             f"t0 = time.perf_counter(); M.from_pretrained(sys.argv[1]{kwargs}); "
@@ -113,7 +114,8 @@ def decode_bytes(lm, cfg: TextConfig, batch: int, context: int) -> int:
             total += batch * p.shape[1] * p.element_size()
         else:
             total += p.nbytes
-    return int(total + batch * context * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4)
+    elem = next(lm.parameters()).element_size()  # the cache is held in the weights' dtype
+    return int(total + batch * context * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * elem)
 
 
 def decode_flops(lm, cfg: TextConfig, batch: int, context: int) -> float:
@@ -248,8 +250,9 @@ def run_contender(args: argparse.Namespace) -> None:
     """One contender in this process (`--contender`): its rows as JSON to `--rows`."""
     ckpt, hf = args.work / "kimivl", args.work / "hf"
     device = torch.device("cpu")
-    machine = Machine(device, torch.float32, [(512, 2048, 3072), (2048, 2048, 1408)])
-    contender = Ours(ckpt) if args.contender == "kimivl" else Transformers(hf)
+    dtype = getattr(torch, args.dtype)
+    machine = Machine(device, dtype, [(512, 2048, 3072), (2048, 2048, 1408)])
+    contender = Ours(ckpt, dtype) if args.contender == "kimivl" else Transformers(hf)
     grid = [(b, c) for b in args.batches for c in args.contexts]
     prefill = args.prefill if args.contender == "kimivl" else [T for T in args.prefill if T <= HF_PREFILL_MAX]
     measure(contender, grid, prefill, args.repeats, machine, device,
@@ -265,6 +268,9 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="kimivl's weights and activations (bfloat16: on a CPU with fast bfloat16; transformers "
+                             "is then not run)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--reuse", action="store_true", help="print the table from the rows an earlier run left in "
                         "--work instead of measuring again (load figures are measured anew)")
@@ -279,19 +285,20 @@ def main() -> None:
     cfg = TextConfig(num_hidden_layers=args.layers)
     with torch.device("meta"):  # shapes only: the bytes and FLOPs the work needs
         from kimivl.decoder import DeepseekV3ForCausalLM
-        shapes = DeepseekV3ForCausalLM(cfg)
+        shapes = DeepseekV3ForCausalLM(cfg).to(getattr(torch, args.dtype))
     need = {key: decode_bytes(shapes, cfg, key[0], key[1]) for key in decode_grid}
     work = {key: decode_flops(shapes, cfg, key[0], key[1]) for key in decode_grid}
     flops = {T: prefill_flops(shapes, cfg, T) for T in args.prefill}
-    print(f"A3B decoder widths, {args.layers} layers, full vocabulary, float32; {describe(torch.device('cpu'))}; "
+    print(f"A3B decoder widths, {args.layers} layers, full vocabulary, {args.dtype}; {describe(torch.device('cpu'))}; "
           f"'—': not measured, transformers' per-head keys and values (expanded each step) over "
           f"{EXPAND_BUDGET / 2 ** 30:.0f} GiB a layer, or its prefill past {HF_PREFILL_MAX} tokens\n")
-    names = ["kimivl"] + ([] if args.skip_transformers else ["transformers"])
+    names = ["kimivl"] + ([] if args.skip_transformers or args.dtype != "float32" else ["transformers"])
     results, loads = {}, {}
     for n in names:  # each in a fresh process: the two models never share this machine's memory
-        loads[n] = load_peak(ckpt if n == "kimivl" else hf, n)
-        rows = args.work / f"rows-{n}.json"
+        loads[n] = load_peak(ckpt if n == "kimivl" else hf, n, args.dtype)
+        rows = args.work / f"rows-{n}{'' if args.dtype == 'float32' else '-' + args.dtype}.json"
         cmd = [sys.executable, __file__, "--contender", n, "--rows", str(rows), "--work", str(args.work),
+               "--dtype", args.dtype,
                "--repeats", str(args.repeats), "--batches", *map(str, args.batches), "--contexts",
                *map(str, args.contexts), "--prefill", *map(str, args.prefill)]
         if not (args.reuse and rows.exists()):

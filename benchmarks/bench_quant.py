@@ -210,7 +210,7 @@ def run_scheme(ckpt: Path, scheme: str, contexts: list[int]) -> dict:
         lm, t = model.language_model, model.config.text_config
         decode = {}
         for context in contexts:
-            cache = MLACache(t, 1, context + 40)
+            cache = MLACache(t, 1, context + 40, dtype=model.dtype)
             cache.latent[:, :, :context].normal_()
             cache.k_pe[:, :, :context].normal_()
             cache.valid[:, :context] = True

@@ -52,8 +52,9 @@ def scheme_bits(scheme: str, group_size: int | None) -> tuple[int, int | None]:
 
 @functools.cache
 def cpu_bf16_fast() -> bool:
-    """The CPU has native bfloat16 dot products (AVX512-BF16 or AMX), which torch's int8 / int4 CPU kernels need to
-    be fast. On an AVX2-only CPU bfloat16 matmuls run at well under 1 GFLOP/s."""
+    """oneDNN calls this CPU bfloat16-capable (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`: an AVX-512 CPU; the
+    one measured here also has AVX512_BF16), which torch's bfloat16 GEMMs and int8 / int4 CPU kernels need to be
+    fast. On an AVX2-only CPU it is False, and bfloat16 matmuls run at well under 1 GFLOP/s."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -137,6 +137,7 @@ def quantize_modules(model: nn.Module, scheme: Scheme, dtype: torch.dtype, devic
     if scheme.group:
         widths = {shape[-1] for shape, s in plan.values() if s == scheme}
         widths |= {m.experts.down_proj.shape[-1] for m in lm.modules() if isinstance(m, MoE)}
+        widths |= {m.weight.shape[-1] for n, m in lm.named_modules() if n.endswith("kv_b_proj")}  # round-tripped
         bad = sorted(w for w in widths if w % scheme.group)
         if bad:
             fits = [g for g in (128, 64, 32) if all(w % g == 0 for w in widths)]

@@ -30,8 +30,9 @@ from .config import KimiVLConfig
 from . import fsutil
 from .errors import CheckpointError, InputError, KimiVLError
 from .generation import GENERATION_CONFIG_NAME, CheckpointGeneration
-from .quant import (HELD_FLOAT, INT8_ROWS, TARGET, QuantWeight, Scheme, compressed_shapes, dequantize, fill_rows, in_layout,
+from .quant import (HELD_FLOAT, INT8_ROWS, TARGET, QuantWeight, Scheme, compressed_shapes, dequantize, fill_rows,
                     put_rows, quantize_modules, round_trip, scheme_of, unpack_int32)
+from .kernels.quant import in_layout
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

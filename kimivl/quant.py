@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, InputError
-from .kernels.quant import QuantWeight, dequantize, held_layout, in_layout, quant_matmul, quantize, scheme_bits
+from .kernels.quant import (QuantWeight, dequantize, held_layout, quant_matmul, quantize, quantize_in_layout,
+                            scheme_bits)
 
 # decoder weights quantized with the scheme (official names; the routed experts per expert)
 TARGET = re.compile(r"language_model\.model\.layers\.\d+\.(self_attn|mlp(\.shared_experts|\.experts\.\d+)?)"
@@ -192,7 +193,7 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def fill_rows(target: QuantWeight, rows: slice, w: torch.Tensor) -> None:
     """Quantize float rows w [n, K] of a 2-D target into target rows `rows` (in its layout)."""
-    put_rows(target, rows, *in_layout(*quantize(w, target.bits, target.group), target.layout))
+    put_rows(target, rows, *quantize_in_layout(w, target.bits, target.group, target.layout))
 
 
 def put_rows(target: QuantWeight, rows: slice, data: torch.Tensor, scale: torch.Tensor) -> None:

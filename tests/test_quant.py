@@ -113,6 +113,10 @@ def test_cpu_int4_layout_round_trips_exactly(monkeypatch):
     assert torch.equal(back[0], data) and torch.equal(back[1], scale)
     monkeypatch.setattr(K, "CONVERT_ROWS", 64)  # blocks of rows convert to the same bytes as the whole
     assert torch.equal(K.to_cpu_int4(data, scale)[0], held[0])
+    # quantizing straight into the layout (what loading does) gives the same bytes as quantize, then convert
+    w = torch.randn(192, 512)
+    direct, converted = K.quantize_in_layout(w, 4, 64, "cpu-int4"), K.to_cpu_int4(*K.quantize(w, 4, 64))
+    assert torch.equal(direct[0], converted[0]) and torch.equal(direct[1], converted[1])
 
 
 def _fake_quantized(path: str, scheme: Q.Scheme) -> KimiVLForConditionalGeneration:

@@ -68,12 +68,21 @@ def quantize(w: torch.Tensor, bits: int, group: int | None) -> tuple[torch.Tenso
     w = w.float()
     if bits == 8:
         scale = _scale(w.abs().amax(-1), 8)
-        return _round(w / scale.float()[..., None], 8), scale
+        return (w / scale.float()[..., None]).round_().clamp_(-128, 127).to(torch.int8), scale
+    u, scale = int4_values(w, group)
+    return u[..., 0::2] | (u[..., 1::2] << 4), scale
+
+
+def int4_values(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] -> (q + 8 as uint8 [..., N, K], one value a byte; scale bfloat16 [..., N, K/group]): int4
+    quantization before packing (in place on one temporary: loading a 16B-weight model quantizes every weight)."""
+    w = w.float()
     if w.shape[-1] % group:
         raise InputError(f"int4 groups of {group} do not divide the input width {w.shape[-1]}")
     g = w.unflatten(-1, (-1, group))  # [..., N, K/group, group]
     scale = _scale(g.abs().amax(-1), 4)
-    return pack_int4(_round(g / scale.float()[..., None], 4).flatten(-2)), scale
+    u = (g / scale.float()[..., None]).round_().clamp_(-8, 7).add_(8).to(torch.uint8)
+    return u.flatten(-2), scale
 
 
 def _scale(amax: torch.Tensor, bits: int) -> torch.Tensor:
@@ -83,10 +92,6 @@ def _scale(amax: torch.Tensor, bits: int) -> torch.Tensor:
     exact = (amax / (QMAX[bits] + 0.5)).clamp(min=torch.finfo(torch.bfloat16).tiny)
     scale = exact.to(torch.bfloat16)
     return torch.where(scale.float() < exact, (scale.view(torch.int16) + 1).view(torch.bfloat16), scale)
-
-
-def _round(x: torch.Tensor, bits: int) -> torch.Tensor:
-    return x.round().clamp(-QMAX[bits] - 1, QMAX[bits]).to(torch.int8)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -116,9 +121,15 @@ def to_cpu_int4(data: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, 
     kernel computes (u - 8) * scale + zero from the stored u = q + 8). Converted CONVERT_ROWS rows at a time (a
     multiple of the kernel's 64-row blocks, which convert independently), so the unpacked int32 temporary stays
     small."""
-    rows = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(data[i:i + CONVERT_ROWS]).to(torch.int32)
-                                                               + 8, 1)
-            for i in range(0, data.shape[0], CONVERT_ROWS)]
+    block = CONVERT_ROWS
+    return cpu_int4_from_values(torch.cat([torch.stack([data[i:i + block] & 15, data[i:i + block] >> 4], dim=-1)
+                                           .flatten(-2) for i in range(0, data.shape[0], block)]), scale)
+
+
+def cpu_int4_from_values(u: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`to_cpu_int4` from the unpacked values (`int4_values`: q + 8, uint8 [N, K]), skipping the canonical packing."""
+    rows = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(u[i:i + CONVERT_ROWS].to(torch.int32), 1)
+            for i in range(0, u.shape[0], CONVERT_ROWS)]
     zeros = torch.zeros_like(scale)
     return torch.cat(rows), torch.stack([scale, zeros], dim=-1).transpose(0, 1).contiguous()
 
@@ -179,6 +190,14 @@ def held_layout(bits: int, device: torch.device, rows: int) -> str:
 def in_layout(data: torch.Tensor, scale: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A canonical 2-D weight (data, scale) in `layout`."""
     return to_cpu_int4(data, scale) if layout == "cpu-int4" else (data, scale)
+
+
+def quantize_in_layout(w: torch.Tensor, bits: int, group: int | None, layout: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`in_layout(*quantize(w, ...), layout)` without packing values only to unpack them again."""
+    if layout == "cpu-int4":
+        return cpu_int4_from_values(*int4_values(w, group))
+    return quantize(w, bits, group)
 
 
 def quant_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:

@@ -549,6 +549,8 @@ def read_quantized(layout: Layout, name: str, target: QuantWeight, stored: Schem
 
 
 def _stored_scale(layout: Layout, name: str, stored: Scheme) -> torch.Tensor:
+    """A compressed weight's scales as bfloat16, what the kernels take (llm-compressor writes them in the model's
+    dtype, bfloat16 for Kimi-VL; float32 or float16 scales are rounded)."""
     scale = read_tensor(layout.file(name + "_scale"), layout.info(name + "_scale")).to(torch.bfloat16)
     return scale[:, 0] if stored.bits == 8 else scale
 

@@ -8,9 +8,10 @@ memory holds the quantized model plus one block.
 What is quantized, in the decoder only:
 - every attention projection and dense / shared / routed expert weight: int8 per output channel, or int4 in groups
   (the scheme); in a compressed-tensors checkpoint these are the `pack-quantized` tensors;
-- `kv_b_proj` is held dequantized (float), because the absorbed decode path multiplies by its halves directly: the
-  weight is quantized and dequantized at load (the same numbers a compressed checkpoint holds). Cost: 2.1M weights a
-  layer, 226 MB in float32 for the 27-layer A3B (28 MB in int4);
+- `kv_b_proj` is held dequantized (in the model's float dtype), because the absorbed decode path multiplies by its
+  halves directly: the weight is quantized and dequantized at load, so quantizing while loading and loading a
+  compressed checkpoint give the same numbers. Cost: 2.1M weights a layer, 226 MB in float32 for the 27-layer A3B
+  (28 MB in int4);
 - `lm_head` and the token embedding: int8 per row, whatever the scheme (the file keeps them dense, as llm-compressor
   leaves lm_head; vLLM reads them as they are);
 - float: routers, correction biases (float32), norms, and the whole vision tower and projector (0.4B of the A3B's

@@ -93,6 +93,14 @@ def test_quant_matmul_paths_match_reference(bits, group, layout, rows):
     assert rel_err(out, ref) < (2 ** -8 if BF16_FAST else 1e-6)
 
 
+def test_int8_widths_the_kernel_cannot_read_take_the_generic_path():
+    """torch's int8 kernel reads past the row unless the input width is a multiple of 16 (24 gave NaN or 1e32)."""
+    w = _weight(8, None, "canonical", N=64, Kw=24)
+    for rows in (1, 5):
+        x = torch.randn(rows, 24).bfloat16().float()
+        assert rel_err(K.quant_matmul(x, w), K.quant_matmul_reference(x, w)) < 2 ** -8
+
+
 def test_generic_path_is_exact_without_fast_bfloat16(monkeypatch):
     """Where the CPU has no fast bfloat16 (AVX2), both schemes dequantize to float32: the reference, up to summation
     order; and blocks of DEQUANT_ROWS rows cover the whole output."""
@@ -166,11 +174,12 @@ def test_quantized_model_equals_float_model_with_rounded_weights(tiny_checkpoint
 
 
 @pytest.mark.skipif(not BF16_FAST, reason="the kernels run only on CPUs with fast bfloat16")
-@pytest.mark.parametrize("name,group", [("int8", None), ("int4", 32)])
-def test_quantized_model_on_the_fast_kernels_stays_close(tiny_checkpoint, name, group):
+@pytest.mark.parametrize("preset,name,group", [("tiny", "int8", None), ("tiny", "int4", 32),
+                                               ("tiny-qlora", "int8", None)])  # q_b_proj 24 wide: not a kernel width
+def test_quantized_model_on_the_fast_kernels_stays_close(tiny_checkpoint, preset, name, group):
     """The same comparison through torch's int8 / int4 kernels, with bfloat16 activations: logits within 3% (the
     tiny random model's logits move by ~1% when its activations are rounded to bfloat16)."""
-    path = tiny_checkpoint()
+    path = tiny_checkpoint(preset)
     model = KimiVLForConditionalGeneration.from_pretrained(path, quantize=name, group_size=group)
     assert any(m.layout == "cpu-int4" for m in model.modules() if isinstance(m, Q.QuantLinear)) == (name == "int4")
     ids = torch.randint(0, 1000, (2, 11))
@@ -240,6 +249,25 @@ def test_compressed_tensors_library_reads_what_we_write(tiny_checkpoint, compres
         theirs = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
         ours = K.dequantize(Q.unpack_int32(local["weight_packed"], 4), local["weight_scale"], 4)
         assert theirs.dtype == torch.bfloat16 and torch.equal(theirs, ours.to(torch.bfloat16)), name
+
+
+def test_writer_refuses_widths_before_writing_and_convert_keeps_the_packed_tensors(tiny_checkpoint, compressed,
+                                                                                  tmp_path):
+    with pytest.raises(InputError, match=r"not multiples of 128; use --group-size 32"):
+        quantize_checkpoint(tiny_checkpoint(), tmp_path / "g128", "int4")
+    assert not (tmp_path / "g128").exists() and not list(tmp_path.glob(".*"))
+    from safetensors.torch import load_file
+    from weights_tools.rewrite import convert
+    out = convert(compressed, tmp_path / "bf16", "bfloat16")  # the float rest to bfloat16; words, scales as stored
+    assert verify(out) == []
+    before = {k: v for f in compressed.glob("*.safetensors") for k, v in load_file(f).items()}
+    after = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    for k, v in before.items():
+        if k.endswith(("_packed", "_scale", "_shape")):
+            assert torch.equal(after[k], v), k
+        else:
+            assert after[k].dtype == torch.bfloat16 or k.endswith("e_score_correction_bias"), k
+    KimiVLForConditionalGeneration.from_pretrained(out)
 
 
 def test_int8_checkpoint_via_the_command(tiny_checkpoint, tmp_path, capsys):

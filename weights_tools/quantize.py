@@ -38,6 +38,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, scheme: 
     layout.raise_problems("cannot be quantized")
     if scheme_of(layout.config) is not None:
         raise InputError(f"{src} is already quantized; quantize its float original")
+    check_widths({name: shape for name, shape in layout.expected.items() if TARGET.fullmatch(name)}, s)
     config = json.loads((layout.path / "config.json").read_text(encoding="utf-8"))
     config["quantization_config"] = compressed_config(s)
     total = sum(layout.info(k).nbytes for k in layout.expected)
@@ -57,6 +58,20 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, scheme: 
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return out
+
+
+def check_widths(targets: dict[str, tuple[int, ...]], scheme: Scheme) -> None:
+    """Refuse, before anything is written, input widths the format cannot hold: int4 groups must divide them, and
+    compressed-tensors packs 32 bits a word (so int8 widths must be multiples of 4)."""
+    widths = sorted({shape[-1] for shape in targets.values()})
+    step = scheme.group or 32 // scheme.bits
+    bad = [w for w in widths if w % step]
+    if bad:
+        name = next(n for n, shape in targets.items() if shape[-1] == bad[0])
+        fits = [g for g in (128, 64, 32) if all(w % g == 0 for w in widths)] if scheme.group else []
+        raise InputError(f"{scheme}: input widths {bad} (e.g. {name}) are not multiples of {step}"
+                         + (f"; use --group-size {fits[0]}" if fits else "; this model cannot be written in this "
+                            "scheme (loading it with quantize= still works)"))
 
 
 class Sources:

@@ -65,7 +65,8 @@ def rewrite(src: str | os.PathLike, out: str | os.PathLike, max_shard_size: int 
 
 
 def _out_dtype(name: str, info: TensorInfo, target: torch.dtype | None) -> torch.dtype:
-    if target is None:
+    # a compressed checkpoint's integer words and shapes, and its scales, stay as stored
+    if target is None or not info.dtype.is_floating_point or name.endswith("weight_scale"):
         return info.dtype
     return torch.float32 if name.endswith(KEEP_FLOAT32) else target
 

@@ -205,10 +205,11 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     path). Few rows on a fast-bfloat16 CPU use torch's int8 / int4 kernels (bfloat16 activations, as the published
     model runs); otherwise blocks of W are dequantized to the compute dtype (bfloat16 on such a CPU, else x's) and
     multiplied, so the temporary stays within DEQUANT_ROWS rows."""
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
     if w.layout == "cpu-int4":
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), w.data, w.group, w.scale)
-    elif w.bits == 8 and rows.device.type == "cpu" and cpu_bf16_fast() and rows.shape[0] < INT8PACK_MAX_ROWS:
+    elif (w.bits == 8 and rows.device.type == "cpu" and cpu_bf16_fast() and rows.shape[0] < INT8PACK_MAX_ROWS
+          and w.shape[-1] % 16 == 0):  # the kernel reads past the row for other input widths
         out = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), w.data, w.scale)
     else:
         dtype = torch.bfloat16 if rows.device.type == "cpu" and cpu_bf16_fast() else rows.dtype

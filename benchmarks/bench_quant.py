@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from kimivl import KimiVLConfig, MLACache
-from kimivl.quant import QuantExperts, QuantLinear, Scheme, quantize_model, quantized_bytes
+from kimivl.quant import QuantLinear, Scheme, quantize_model, quantized_bytes
 from limits import Machine, best_times, describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +66,6 @@ def weight_bytes(module: torch.nn.Module, experts_used: float | None = None) -> 
     """Bytes of the weights a call reads: all of them, or for routed experts `experts_used` of E."""
     total = 0
     for m in module.modules():
-        if isinstance(m, QuantExperts):
-            continue
         own = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
         size = sum(t.nbytes for t in own)
         if isinstance(m, QuantLinear) and m.data.dim() == 3 or type(m).__name__ == "Experts":
@@ -236,16 +234,7 @@ def decode_bytes(model) -> int:
     """The weight bytes one decode token reads: everything in the decoder but the other routed experts and the
     embedding table (one row)."""
     lm, t = model.language_model, model.config.text_config
-    total = 0
-    for m in lm.modules():
-        own = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-        size = sum(x.nbytes for x in own)
-        if isinstance(m, QuantLinear) and m.data.dim() == 3:
-            size = size * t.num_experts_per_tok / t.n_routed_experts
-        elif m is lm.model.embed_tokens:
-            size = 0
-        total += size
-    return int(total)
+    return weight_bytes(lm, t.num_experts_per_tok) - weight_bytes(lm.model.embed_tokens)
 
 
 def a3b(args: argparse.Namespace) -> dict:

@@ -70,7 +70,7 @@ def quantize(w: torch.Tensor, bits: int, group: int | None) -> tuple[torch.Tenso
         scale = _scale(w.abs().amax(-1), 8)
         return (w / scale.float()[..., None]).round_().clamp_(-128, 127).to(torch.int8), scale
     u, scale = int4_values(w, group)
-    return u[..., 0::2] | (u[..., 1::2] << 4), scale
+    return _pack_nibbles(u), scale
 
 
 def int4_values(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,13 +96,22 @@ def _scale(amax: torch.Tensor, bits: int) -> torch.Tensor:
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 values in [-8, 7], [..., K] (K even) -> uint8 [..., K/2], the even element in the low nibble."""
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4)
+    return _pack_nibbles((q.to(torch.int16) + 8).to(torch.uint8))
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """`pack_int4` inverted: uint8 [..., K/2] -> int8 [..., K] in [-8, 7]."""
-    return (torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2).to(torch.int8) - 8)
+    return _unpack_nibbles(packed).to(torch.int8) - 8
+
+
+def _pack_nibbles(u: torch.Tensor) -> torch.Tensor:
+    """uint8 values in [0, 15], [..., K] -> [..., K/2], the even element in the low nibble."""
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """`_pack_nibbles` inverted."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32
@@ -118,16 +127,14 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.
 def to_cpu_int4(data: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical int4 (data [N, K/2], scale [N, K/group]) -> the operands of `_weight_int4pack_mm_for_cpu`: weights
     uint8 [N, K/2] in the kernel's own order, scales-and-zeros bfloat16 [K/group, N, 2] (zeros 0: symmetric; the
-    kernel computes (u - 8) * scale + zero from the stored u = q + 8). Converted CONVERT_ROWS rows at a time (a
-    multiple of the kernel's 64-row blocks, which convert independently), so the unpacked int32 temporary stays
-    small."""
-    block = CONVERT_ROWS
-    return cpu_int4_from_values(torch.cat([torch.stack([data[i:i + block] & 15, data[i:i + block] >> 4], dim=-1)
-                                           .flatten(-2) for i in range(0, data.shape[0], block)]), scale)
+    kernel computes (u - 8) * scale + zero from the stored u = q + 8)."""
+    return cpu_int4_from_values(_unpack_nibbles(data), scale)
 
 
 def cpu_int4_from_values(u: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`to_cpu_int4` from the unpacked values (`int4_values`: q + 8, uint8 [N, K]), skipping the canonical packing."""
+    """`to_cpu_int4` from the unpacked values (`int4_values`: q + 8, uint8 [N, K]), skipping the canonical packing.
+    Converted CONVERT_ROWS rows at a time (a multiple of the kernel's 64-row blocks, which convert independently), so
+    the int32 temporary the kernel's converter takes stays small."""
     rows = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(u[i:i + CONVERT_ROWS].to(torch.int32), 1)
             for i in range(0, u.shape[0], CONVERT_ROWS)]
     zeros = torch.zeros_like(scale)

@@ -40,11 +40,20 @@ class MLACache:
 
     def write_at(self, layer: int, slot: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one token per row ([B, 1, ...]) at `slot` (a one-element int64 tensor on the cache's device, so the
-        host never reads it and a captured CUDA graph replays at every position); -> the layer's whole buffers."""
-        self.latent[layer].index_copy_(1, slot, latent)
-        self.k_pe[layer].index_copy_(1, slot, k_pe)
+        """Store one token per row ([B, 1, ...]) at `slot`: an int64 tensor on the cache's device, one element (every
+        row's slot) or [B] (a slot per row, as rows of a continuous batch hold sequences of different lengths), so
+        the host never reads it and a captured CUDA graph replays at every position; -> the layer's whole buffers."""
+        rows = torch.arange(latent.shape[0], device=slot.device)
+        self.latent[layer][rows, slot] = latent[:, 0]
+        self.k_pe[layer][rows, slot] = k_pe[:, 0]
         return self.latent[layer], self.k_pe[layer]
+
+    def rows(self, n: int, length: int) -> "MLACache":
+        """A view of the first n rows and `length` slots, sharing this cache's memory (writes land here too)."""
+        view = object.__new__(MLACache)
+        view.latent, view.k_pe = self.latent[:, :n, :length], self.k_pe[:, :n, :length]
+        view.valid, view.length = self.valid[:n, :length], min(self.length, length)
+        return view
 
     def reset(self) -> None:
         """Empty the cache for reuse (the buffers stay where they are)."""

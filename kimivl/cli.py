@@ -141,45 +141,38 @@ def _load(args: argparse.Namespace):
 
 class ThinkingSplit:
     """Streams a Thinking model's ◁think▷...◁/think▷ part to stderr and the answer to stdout (text without the
-    markers goes to stdout), holding back a tail that may be the start of a marker."""
+    markers goes to stdout)."""
 
     def __init__(self):
-        self.text, self.shown = "", [0, 0]  # characters of (thinking, answer) printed so far
+        from .generation import ThinkingText
+        self.split = ThinkingText()
+        self.printed_thinking = False
 
     def push(self, delta: str, final: bool = False) -> None:
-        from .generation import held_back
-        from .tokenizer import THINK_END, THINK_START
-
-        self.text += delta
-        ready = self.text if final else self.text[:len(self.text) - held_back(self.text, (THINK_START, THINK_END))]
-        start = ready.find(THINK_START)
-        if start < 0:
-            thinking, answer = "", ready
-        else:
-            body = ready[start + len(THINK_START):]
-            end = body.find(THINK_END)
-            thinking, answer = (body, "") if end < 0 else (body[:end], ready[:start] + body[end + len(THINK_END):])
-        for i, (part, stream) in enumerate(((thinking, sys.stderr), (answer, sys.stdout))):
-            if len(part) > self.shown[i]:
-                print(part[self.shown[i]:], end="", flush=True, file=stream)
-                self.shown[i] = len(part)
+        thinking, answer = self.split.push(delta, final)
+        for part, stream in ((thinking, sys.stderr), (answer, sys.stdout)):
+            if part:
+                print(part, end="", flush=True, file=stream)
+        self.printed_thinking |= bool(thinking)
 
 
-def _answer(model, processor, messages: list[dict], config, no_stream: bool = False) -> str:
+def _answer(model, processor, messages: list[dict], config, no_stream: bool = False, engine=None) -> str:
     """Run one turn, printing the answer (streamed unless no_stream; a Thinking model's reasoning to stderr) and the
-    speed on stderr."""
+    speed on stderr. With an engine (chat), the conversation's earlier turns come from its prefix cache."""
     from .generation import stream
 
-    out, split = stream(model, processor, messages, config=config), ThinkingSplit()
+    out = engine.stream(messages, config=config) if engine else stream(model, processor, messages, config=config)
+    split = ThinkingSplit()
     for delta in out:
         if not no_stream:
             split.push(delta)
     split.push(out.text if no_stream else "", final=True)
-    if split.shown[0]:
+    if split.printed_thinking:
         print(file=sys.stderr)
     print(flush=True)
     s = out.stats
-    print(f"[prefill {s.prompt_tokens} tokens at {s.prefill_tokens_per_second:.1f} tok/s, decode {s.new_tokens} "
+    reused = f" ({out.reused} more reused from the cache)" if getattr(out, "reused", 0) else ""
+    print(f"[prefill {s.prompt_tokens} tokens{reused} at {s.prefill_tokens_per_second:.1f} tok/s, decode {s.new_tokens} "
           f"tokens at {s.decode_tokens_per_second:.1f} tok/s, stopped: {out.finish_reason}]", file=sys.stderr)
     return out.text
 
@@ -208,7 +201,10 @@ def _generate(args: argparse.Namespace) -> None:
 def _chat(args: argparse.Namespace) -> None:
     from .processing import load_image
 
+    from .engine import Engine
+
     model, processor, config = _load(args)
+    engine = Engine(model, processor, max_batch=1)  # each turn prefills only what follows the cached conversation
     print("chat: /image PATH attaches an image to your next message, /reset forgets, /exit quits", file=sys.stderr)
     history, images = _system(args), []
     if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes arrive as lone surrogates, refused line by line below
@@ -241,7 +237,7 @@ def _chat(args: argparse.Namespace) -> None:
             continue
         message = _user_message(line, images)
         try:
-            answer = _answer(model, processor, history + [message], config)
+            answer = _answer(model, processor, history + [message], config, engine=engine)
         except InputError as e:  # e.g. too long a conversation: say so and keep the session
             print(f"error: {e} (/reset starts a new conversation)", file=sys.stderr)
             images = []

@@ -221,12 +221,12 @@ class DeepseekV3ForCausalLM(nn.Module):
     def decode_step(self, token: torch.Tensor, position_ids: torch.Tensor, cache: MLACache, slot: torch.Tensor
                     ) -> torch.Tensor:
         """One new token per row stored at cache slot `slot` -> logits [B, vocab] float32. token, position_ids
-        [B, 1]; slot: one-element int64 tensor on the device (every row writes the same slot: batches are
-        left-padded). The same result as `hidden_states` with the cache for one token, but with fixed shapes and no
-        host synchronisation: the step `kimivl.cuda_graphs` captures once and replays. `cache.length` is left to the
-        caller."""
+        [B, 1]; slot: int64 tensor on the device, one element (every row writes the same slot: batches are
+        left-padded) or [B] (a slot per row: a continuous batch, `kimivl.engine`). The same result as
+        `hidden_states` with the cache for one token, but with fixed shapes and no host synchronisation: the step
+        `kimivl.cuda_graphs` captures once and replays. `cache.length` is left to the caller."""
         cfg = self.config
-        cache.valid.index_fill_(1, slot, True)
+        cache.valid[torch.arange(token.shape[0], device=slot.device), slot] = True
         mask = cache.valid[:, None, None, :]  # [B, 1, 1, max_len]: padding hidden; slots past `slot` via kv_lens
         angles = rope_1d_angles(position_ids, cfg.qk_rope_head_dim, cfg.rope_theta)
         cos, sin = angles.cos(), angles.sin()

@@ -266,6 +266,31 @@ class RowText:
         return delta
 
 
+class ThinkingText:
+    """Splits streamed text into a Thinking model's reasoning (between ◁think▷ and ◁/think▷) and its answer (the
+    rest, markers dropped), holding back a tail that may be the start of a marker until more text or the end."""
+
+    def __init__(self):
+        self.text, self.shown = "", [0, 0]  # characters of (thinking, answer) given out so far
+
+    def push(self, delta: str, final: bool = False) -> tuple[str, str]:
+        """Take a text delta (final: the text is complete); -> the new (thinking, answer) text."""
+        from .tokenizer import THINK_END, THINK_START
+
+        self.text += delta
+        ready = self.text if final else self.text[:len(self.text) - held_back(self.text, (THINK_START, THINK_END))]
+        start = ready.find(THINK_START)
+        if start < 0:
+            parts = ("", ready)
+        else:
+            body = ready[start + len(THINK_START):]
+            end = body.find(THINK_END)
+            parts = (body, "") if end < 0 else (body[:end], ready[:start] + body[end + len(THINK_END):])
+        new = tuple(part[shown:] for part, shown in zip(parts, self.shown))
+        self.shown = [max(shown, len(part)) for part, shown in zip(parts, self.shown)]
+        return new
+
+
 class TextStream:
     """Iterate to get text deltas as they are generated; afterwards `text`, `token_ids`, `finish_reason` ("stop" or
     "length") and `stats` hold the result."""

@@ -1,0 +1,206 @@
+"""The engine: continuous batching equals each request served alone; prefix reuse equals a full prefill."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from kimivl import InputError, KimiVLForConditionalGeneration, KimiVLProcessor, stream
+from kimivl import engine as engine_module
+from kimivl.engine import Engine, PrefixCache, QueueFull, common_prefix
+
+from .helpers import rel_err
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    path = tiny_checkpoint()
+    return KimiVLForConditionalGeneration.from_pretrained(path), KimiVLProcessor.from_pretrained(path)
+
+
+def conversation(text: str, size: tuple[int, int] | None = None, colour: str = "red") -> list[dict]:
+    if size is None:
+        return [{"role": "user", "content": text}]
+    return [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", size, colour)},
+                                         {"type": "text", "text": text}]}]
+
+
+def alone(model, processor, messages, **settings) -> tuple[list[int], str, str]:
+    """The reference: the request answered by `kimivl.generation.stream` on its own (generate_tokens, no engine)."""
+    out = stream(model, processor, messages, temperature=0, **settings)
+    text = "".join(out)
+    return out.token_ids, text, out.finish_reason
+
+
+def collect(engine: Engine, prompt, n=1, **settings):
+    deltas = {}
+    seqs = engine.submit(prompt, engine.settings(temperature=0, **settings), n=n,
+                         emit=lambda s, d: deltas.__setitem__(s, deltas.get(s, "") + d))
+    return seqs, deltas
+
+
+def run(engine: Engine, limit: int = 500) -> None:
+    for _ in range(limit):
+        if not engine.step():
+            return
+    raise AssertionError("the engine did not finish")
+
+
+REQUESTS = [("Describe it.", (56, 56), 12), ("hello there", None, 9), ("What colour is the square?", (84, 42), 16),
+            ("a longer question about nothing in particular, to have a longer prompt", None, 5),
+            ("Count the shapes.", (28, 112), 20), ("ok", None, 14), ("Read the text.", (70, 70), 7)]
+
+
+def test_continuous_batch_equals_each_request_alone(loaded, monkeypatch):
+    """Seven requests of different lengths and images through 3 rows: they queue, join the running batch between
+    steps (each prefilled alone into a free row), leave when done (the last row moving into the freed one), and
+    the rows grow past their first 8 slots mid-run. Every answer's tokens, text and finish reason equal the request
+    answered alone by `stream`."""
+    model, processor = loaded
+    monkeypatch.setattr(engine_module, "MIN_SLOTS", 8)
+    engine = Engine(model, processor, max_batch=3)
+    expected, got, joined_mid_run = [], [], 0
+    for k, (text, size, max_new) in enumerate(REQUESTS):
+        conv = conversation(text, size, ["red", "navy", "olive"][k % 3])
+        expected.append(alone(model, processor, conv, max_new_tokens=max_new))
+        if k in (2, 5):  # the others are submitted while these run
+            for _ in range(3):
+                engine.step()
+        joined_mid_run += bool(engine.running)
+        got.append(collect(engine, engine.prepare(conv), max_new_tokens=max_new))
+    run(engine)
+    assert joined_mid_run >= 2 and engine.counters["steps"] < sum(r[2] for r in REQUESTS)  # really batched
+    for (tokens, text, reason), ([seq], deltas) in zip(expected, got):
+        assert seq.tokens[:len(seq.text.token_ids)] == seq.text.token_ids
+        assert (seq.text.token_ids, deltas.get(seq, ""), seq.finish_reason) == (tokens, text, reason)
+    assert engine.running == [] and engine.cache.max_len == 0  # idle: rows and memory given back
+
+
+def test_n_choices_share_one_prefill_and_seeds_make_them_reproducible(loaded):
+    model, processor = loaded
+    engine = Engine(model, processor, max_batch=4)
+    prompt = engine.prepare(conversation("Say something.", (56, 56)))
+    first = engine.submit(prompt, engine.settings(temperature=1.0, seed=7, max_new_tokens=10), n=3)
+    run(engine)
+    again = engine.submit(prompt, engine.settings(temperature=1.0, seed=7, max_new_tokens=10), n=3)
+    run(engine)
+    assert [s.tokens for s in first] == [s.tokens for s in again]
+    assert len({tuple(s.tokens) for s in first}) > 1  # choice i is seeded with seed + i
+    assert engine.counters["requests"] == 2 and first[1].reused == 0  # one prefill for the three choices
+    greedy, _ = collect(engine, prompt, n=2, max_new_tokens=6)
+    run(engine)
+    assert greedy[0].text.token_ids == greedy[1].text.token_ids == alone(
+        model, processor, conversation("Say something.", (56, 56)), max_new_tokens=6)[0]
+
+
+def test_prefix_reuse_equals_a_full_prefill(loaded):
+    """The second turn of a chat about an image prefills only what follows the cached first turn (its image is not
+    run again): its latents and first logits equal a full prefill (float32, relative 1e-5), its answer the same;
+    a different image at the same place is not reused."""
+    model, processor = loaded
+    engine = Engine(model, processor)
+    first = conversation("What is this?", (84, 56))
+    [seq], _ = collect(engine, engine.prepare(first), max_new_tokens=6)
+    run(engine)
+    answer = seq.text.text
+    second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the colour?"}]
+    prompt = engine.prepare(second)
+    calls = []
+    original = model.image_features
+    model.image_features = lambda *a: calls.append(a) or original(*a)
+    try:
+        latent, k_pe, logits, reused = engine._prefill(prompt)
+    finally:
+        del model.image_features
+    full_latent, full_k_pe, full_logits, none = Engine(model, processor)._prefill(prompt)
+    first_prompt = len(engine.prepare(first).ids)
+    assert none == 0 and reused >= first_prompt and calls == []
+    assert rel_err(latent, full_latent) < 1e-5 and rel_err(k_pe, full_k_pe) < 1e-5
+    assert rel_err(logits, full_logits) < 1e-5
+    [turn2], deltas = collect(engine, prompt, max_new_tokens=8)
+    run(engine)
+    assert turn2.reused == reused and turn2.stats.prompt_tokens == len(prompt.ids) - reused
+    assert (turn2.text.token_ids, deltas.get(turn2, "")) == alone(model, processor, second, max_new_tokens=8)[:2]
+
+    other = [{**second[0], "content": [{"type": "image", "image": Image.new("RGB", (84, 56), "blue")},
+                                       second[0]["content"][1]]}] + second[1:]
+    changed = engine.prepare(other)
+    image_start = changed.spans[0][0]
+    assert changed.ids == prompt.ids and changed.key != prompt.key
+    assert engine._prefill(changed)[3] == image_start  # the text before the image only
+
+
+def test_prefix_cache_keeps_the_longest_entries_within_its_budget():
+    latent = lambda n: torch.zeros(2, n, 4)  # 32 bytes a token, 64 with the k_pe of the same shape
+    cache = PrefixCache(budget_bytes=64 * 10)
+    cache.put([1, 2, 3], latent(3), latent(3))
+    cache.put([1, 2, 3, 4, 5], latent(5), latent(5))  # extends [1, 2, 3]: replaces it
+    assert [e[0] for e in cache.entries.values()] == [[1, 2, 3, 4, 5]] and cache.nbytes == 5 * 64
+    cache.put([1, 2], latent(2), latent(2))  # already held as a prefix
+    assert len(cache.entries) == 1
+    cache.put([7, 8, 9, 10], latent(4), latent(4))
+    assert cache.match([1, 2, 3, 9], limit=10)[1] == 3 and cache.match([1, 2, 3, 4, 5, 6], limit=4)[1] == 4
+    cache.put([5, 5, 5], latent(3), latent(3))  # over budget: the least recently used ([7, 8, 9, 10]) goes
+    assert [e[0] for e in cache.entries.values()] == [[1, 2, 3, 4, 5], [5, 5, 5]] and cache.nbytes == 8 * 64
+    cache.put(list(range(11)), latent(11), latent(11))  # larger than the whole budget: not kept
+    assert cache.nbytes == 8 * 64
+    assert PrefixCache(0).match([1], 1) == (None, 0)
+    rng = random.Random(0)
+    for _ in range(300):
+        a = [rng.randrange(3) for _ in range(rng.randrange(12))]
+        b = [rng.randrange(3) for _ in range(rng.randrange(12))]
+        limit = rng.randrange(14)
+        brute = next((i for i in range(min(len(a), len(b), limit)) if a[i] != b[i]), min(len(a), len(b), limit))
+        assert common_prefix(a, b, limit) == brute
+
+
+def test_cancel_frees_the_row_and_the_others_go_on(loaded):
+    model, processor = loaded
+    engine = Engine(model, processor, max_batch=2)
+    long_conv, short_conv = conversation("tell me a long story"), conversation("Describe it.", (56, 56))
+    [long_seq] = engine.submit(engine.prepare(long_conv), engine.settings(temperature=0, max_new_tokens=40),
+                               ignore_eos=True)
+    [short], deltas = collect(engine, engine.prepare(short_conv), max_new_tokens=12)
+    for _ in range(3):
+        engine.step()
+    engine.cancel([long_seq])
+    run(engine)
+    assert long_seq.finish_reason == "cancelled" and len(long_seq.tokens) < 10
+    assert (short.text.token_ids, deltas.get(short, "")) == alone(model, processor, short_conv,
+                                                                   max_new_tokens=12)[:2]
+
+
+def test_bad_requests_are_refused_with_the_reason(loaded):
+    model, processor = loaded
+    engine = Engine(model, processor, max_batch=2, max_queue=1)
+    prompt = engine.prepare(conversation("hi"))
+    with pytest.raises(InputError, match="beyond the model's context of 2048 tokens"):
+        engine.submit(prompt, engine.settings(max_new_tokens=2048))
+    with pytest.raises(InputError, match="n must be between 1 and the batch size 2"):
+        engine.submit(prompt, engine.settings(max_new_tokens=4), n=3)
+    with pytest.raises(InputError, match="temperature"):
+        engine.submit(prompt, engine.settings(temperature=-1))
+    engine.submit(prompt, engine.settings(max_new_tokens=4))
+    with pytest.raises(QueueFull, match="1 requests are already waiting"):
+        engine.submit(prompt, engine.settings(max_new_tokens=4))
+    run(engine)
+    with pytest.raises(InputError, match="one conversation"):
+        engine.prepare([conversation("a"), conversation("b")])
+
+
+def test_a_failing_request_fails_alone(loaded, monkeypatch):
+    model, processor = loaded
+    engine = Engine(model, processor)
+    good = collect(engine, engine.prepare(conversation("fine")), max_new_tokens=5)[0][0]
+    run(engine)
+    original = engine._prefill
+    monkeypatch.setattr(engine, "_prefill", lambda p: (_ for _ in ()).throw(RuntimeError("boom"))
+                        if len(p.ids) > 30 else original(p))
+    bad = engine.submit(engine.prepare(conversation("x " * 40)), engine.settings(max_new_tokens=5))[0]
+    again = collect(engine, engine.prepare(conversation("fine")), max_new_tokens=5)[0][0]
+    run(engine)
+    assert bad.finish_reason == "error" and str(bad.error) == "boom"
+    assert again.tokens == good.tokens and again.finish_reason == good.finish_reason

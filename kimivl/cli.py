@@ -1,5 +1,5 @@
-"""The `kimivl` command: `generate` (one answer, streamed), `chat` (interactive), `eval` (benchmarks) and `train`
-(finetuning)."""
+"""The `kimivl` command: `generate` (one answer, streamed), `chat` (interactive), `serve` (the OpenAI API), `eval`
+(benchmarks) and `train` (finetuning)."""
 
 from __future__ import annotations
 
@@ -115,6 +115,43 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
                        description="Chat with the checkpoint in --model. Commands: /image PATH (attach an image to "
                                    "the next message), /reset (forget the conversation), /exit (or Ctrl-D).")
     _add_model_args(p)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI chat-completions API (continuous batching, prefix reuse)",
+                       description="Serve --model over HTTP: POST /v1/chat/completions (streaming, images, n, stop, "
+                                   "seed), GET /v1/models, /health and /metrics. Needs the serve extra: pip install "
+                                   "'kimivl[serve]'.")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer files)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--served-model-name", help="the model id clients name (default: the directory's name)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together at most (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a batch row at most; beyond, 429 (default 64)")
+    p.add_argument("--prefix-cache-mb", type=int, default=1024,
+                   help="memory for cached conversation prefixes, reused by requests that extend them (default "
+                        "1024; 0: off)")
+    p.add_argument("--api-key", default=os.environ.get("KIMIVL_API_KEY"),
+                   help="require Authorization: Bearer KEY (default: $KIMIVL_API_KEY; none: open)")
+    p.add_argument("--allowed-local-media", metavar="DIR",
+                   help="let image_url name local files under DIR (default: base64 data: URLs only)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: the checkpoint's; float32 on a CPU without fast bfloat16)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    _add_quantize_args(p)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from .serve import serve
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                             ("--prefix-cache-mb", args.prefix_cache_mb, 0), ("--port", args.port, 0)):
+        if value < low:
+            raise InputError(f"{flag} must be >= {low}, got {value}")
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+          api_key=args.api_key, allowed_local_media=args.allowed_local_media,
+          served_model_name=args.served_model_name, prefix_cache_mb=args.prefix_cache_mb, dtype=args.dtype,
+          device=args.device, quantize=args.quantize, group_size=args.group_size)
 
 
 def _load(args: argparse.Namespace):
@@ -412,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_chat(sub)
+    _add_serve(sub)
     # eval's and train's flags import their modules (metrics, trainer configs): built only when asked for, so that
     # `generate` and `chat` start without them
     eval_parser = _add_eval(sub) if command in (None, "eval") else sub.add_parser("eval", help=EVAL_LINE)
@@ -426,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
             _generate(args)
         elif args.command == "chat":
             _chat(args)
+        elif args.command == "serve":
+            _serve(args)
         elif args.command == "eval":
             _eval(args, eval_parser)
         elif args.command == "train":

@@ -86,6 +86,23 @@ class Prompt:
         return next((a for a, b in self.spans if a < m < b), m)
 
 
+class Histogram:
+    """Counts of observations at or below each bound (cumulative, as Prometheus histograms are), their sum and
+    number."""
+
+    BOUNDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+    def __init__(self):
+        self.buckets = [0] * len(self.BOUNDS)
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.BOUNDS):
+            self.buckets[i] += value <= bound
+        self.sum += value
+        self.count += 1
+
+
 class Sequence:
     """One answer being generated (a request with n choices has n). `tokens` are the sampled ids, stop id included;
     `row` is its cache row while running (-1 otherwise); `length` the cache slots it fills."""
@@ -185,7 +202,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.counters = collections.Counter()  # requests, prompt_tokens, reused_tokens, generated_tokens, steps
-        self.ttft: list[float] = []  # seconds from submit to first token, per sequence (the server's metrics)
+        self.ttft = Histogram()  # seconds from submit to first token, per sequence (the server's metrics)
 
     # ---- requests ----------------------------------------------------------------------------------------------
     def prepare(self, messages: Seq[dict], images: Seq[Any] | None = None) -> Prompt:
@@ -389,7 +406,7 @@ class Engine:
     def _push(self, s: Sequence, token: int) -> None:
         if s.first_token_at is None:
             s.first_token_at = time.perf_counter()
-            self.ttft.append(s.first_token_at - s.submitted)
+            self.ttft.observe(s.first_token_at - s.submitted)
         s.tokens.append(token)
         self.counters.update(generated_tokens=1)
         delta = s.text.push(token)

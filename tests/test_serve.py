@@ -265,3 +265,12 @@ def test_reasoning_goes_apart_from_the_answer(thinking):
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Two and two."
         assert "".join(d.content or "" for d in deltas) == "Four."
         assert not any(getattr(d, "reasoning_content", None) and d.content for d in deltas)
+
+
+def test_serve_command_refuses_bad_flags(tmp_path, capsys):
+    from kimivl.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--max-batch", "0"]) == 1
+    assert "--max-batch must be >= 1" in capsys.readouterr().err

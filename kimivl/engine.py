@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .processing import KimiVLProcessor
 
 log = logging.getLogger(__name__)
-MIN_SLOTS = 256  # the cache grows in powers of two from here as longer sequences join
+MIN_SLOTS = 256  # the cache's rows grow in blocks of this many slots, a quarter at a time, as sequences lengthen
 
 
 class QueueFull(KimiVLError):
@@ -109,7 +109,7 @@ class Sequence:
 
     def __init__(self, prompt: Prompt, config: GenerationConfig, text: RowText, emit: Callable | None, index: int):
         self.prompt, self.config, self.text, self.emit, self.index = prompt, config, text, emit, index
-        self.generator = None if config.seed is None else torch.Generator().manual_seed(config.seed + index)
+        self.generator = None  # made on the model's device when the sequence is admitted
         self.tokens: list[int] = []
         self.finish_reason: str | None = None  # stop | length | cancelled | error
         self.error: BaseException | None = None
@@ -231,19 +231,26 @@ class Engine:
         group = [Sequence(prompt, config, RowText(self.processor.tokenizer, stops, config.stop_strings), emit, i)
                  for i in range(n)]
         with self._cond:
-            if self.max_queue is not None and len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue "
+            free = self.max_batch - len(self.running) - sum(len(g) for g in self.waiting)
+            queued = len(self.waiting) - max(0, self.max_batch - len(self.running))  # beyond the free rows
+            if self.max_queue is not None and n > free and queued >= self.max_queue:
+                raise QueueFull(f"every batch row is taken and {queued} requests are already waiting (--max-queue "
                                 f"{self.max_queue}); try again later")
             self.waiting.append(group)
             self._cond.notify()
         return group
 
     def cancel(self, sequences: Seq[Sequence]) -> None:
-        """Stop these sequences at the next step, freeing their rows (a client that went away)."""
+        """Stop these sequences (a client that went away): a waiting request leaves the queue now, a running one
+        frees its row at the next step."""
         with self._cond:
             for s in sequences:
                 s.cancelled = True
+            gone = [g for g in self.waiting if all(s.cancelled for s in g)]
+            self.waiting = collections.deque(g for g in self.waiting if not all(s.cancelled for s in g))
             self._cond.notify()
+        for s in [s for g in gone for s in g]:
+            self._end(s, "cancelled", "")
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -308,7 +315,12 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug must not leave every client waiting on a dead thread
+                with self._cond:
+                    waiting, self.waiting = [s for g in self.waiting for s in g], collections.deque()
+                self._fail(list(self.running) + waiting, e)
 
     def stream(self, messages: Seq[dict], *, images: Seq[Any] | None = None,
                config: GenerationConfig | None = None, **settings: Any) -> "SequenceStream":
@@ -328,10 +340,11 @@ class Engine:
         return MLACache(self.lm.config, self.max_batch, slots, device=self.model.device, dtype=self.model.dtype)
 
     def _ensure_slots(self, slots: int) -> None:
-        """Grow every row to at least `slots` cache slots (powers of two), keeping the running rows."""
+        """Grow every row to at least `slots` cache slots (and a quarter more), keeping the running rows."""
         if slots <= self.cache.max_len:
             return
-        new = self._new_cache(max(MIN_SLOTS, 1 << (slots - 1).bit_length()))
+        grown = -(-slots * 5 // 4 // MIN_SLOTS) * MIN_SLOTS  # a quarter more, in whole blocks, up to the context
+        new = self._new_cache(max(slots, min(grown, self.context + 1)))
         n, old = len(self.running), self.cache.max_len
         new.latent[:, :n, :old], new.k_pe[:, :n, :old] = self.cache.latent[:, :n], self.cache.k_pe[:, :n]
         new.valid[:n, :old] = self.cache.valid[:n]
@@ -372,6 +385,8 @@ class Engine:
             self.cache.valid[r, :P] = True
             s.length, s.reused = P, reused
             s.stats.prompt_tokens, s.stats.prefill_seconds = P - reused, time.perf_counter() - start
+            if s.config.seed is not None:
+                s.generator = torch.Generator(device=self.model.device).manual_seed(s.config.seed + s.index)
             self.running.append(s)
         self.prefixes.put(prompt.key, latent, k_pe)
         self.counters.update(requests=1, prompt_tokens=P, reused_tokens=reused)
@@ -398,12 +413,22 @@ class Engine:
         for s, token in zip(rows, new):
             self._push(s, token)
 
-    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int | Exception]:
+        """The next token of each row, or the exception its sampling raised (that row fails alone)."""
         greedy = logits.argmax(-1).tolist()
-        return [greedy[i] if s.config.temperature == 0 else int(sample(logits[i:i + 1], s.config, s.generator)[0])
-                for i, s in enumerate(rows)]
+        out: list[int | Exception] = []
+        for i, s in enumerate(rows):
+            try:
+                out.append(greedy[i] if s.config.temperature == 0 else
+                           int(sample(logits[i:i + 1], s.config, s.generator)[0]))
+            except Exception as e:
+                out.append(e)
+        return out
 
-    def _push(self, s: Sequence, token: int) -> None:
+    def _push(self, s: Sequence, token: int | Exception) -> None:
+        if isinstance(token, Exception):
+            self._fail([s], token)
+            return
         if s.first_token_at is None:
             s.first_token_at = time.perf_counter()
             self.ttft.observe(s.first_token_at - s.submitted)
@@ -414,8 +439,8 @@ class Engine:
             self._finish(s, s.text.finish_reason, delta)
         elif len(s.tokens) == s.config.max_new_tokens:
             self._finish(s, "length", delta + s.text.flush())
-        elif delta and s.emit:
-            s.emit(s, delta)
+        elif delta:
+            self._emit(s, delta)
 
     def _finish(self, s: Sequence, reason: str, delta: str = "") -> None:
         """Keep a finished sequence's latents as a prefix (the next chat turn starts with it), free its row (the last
@@ -439,14 +464,23 @@ class Engine:
 
     def _end(self, s: Sequence, reason: str, delta: str) -> None:
         s.finish_reason = s.finish_reason or reason
-        if s.emit:
+        self._emit(s, delta)
+
+    @staticmethod
+    def _emit(s: Sequence, delta: str) -> None:
+        if s.emit is None:
+            return
+        try:
             s.emit(s, delta)
+        except Exception as e:  # e.g. the server's event loop has closed: that reader is gone, the engine goes on
+            log.warning("could not deliver a sequence's text: %s", e)
 
     def _fail(self, group: list[Sequence], error: Exception) -> None:
         log.error("generation failed: %s", error, exc_info=not isinstance(error, KimiVLError))
         for s in group:
-            s.error = error
-            self._finish(s, "error")
+            if s.finish_reason is None:
+                s.error = error
+                self._finish(s, "error")
 
 
 class SequenceStream:

@@ -118,7 +118,8 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generat
     the top_k tokens and to the smallest set of most likely tokens whose probability reaches top_p."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / cfg.temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature  # the same softmax; no inf at tiny T
     if 0 < cfg.top_k < logits.shape[-1]:
         kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ def _describe(image: Any) -> str:
     return f"<{type(image).__name__}>"
 
 
+_WARNINGS = threading.Lock()
+
+
 def load_image(image: Any, exif_orientation: bool = False, check_size=None) -> Image.Image:
     """A PIL image, in its own mode, from a PIL image, a path, encoded bytes or a uint8 [H, W] / [H, W, C] array.
     The pixels are taken as stored, as the published processor does; `exif_orientation` turns them upright by the
@@ -52,7 +56,7 @@ def load_image(image: Any, exif_orientation: bool = False, check_size=None) -> I
     if not is_array and not isinstance(image, (Image.Image, str, os.PathLike, bytes, bytearray)):
         raise InputError(f"cannot use {name} as an image: give a PIL image, a path, bytes or a uint8 array")
     try:
-        with warnings.catch_warnings():
+        with _WARNINGS, warnings.catch_warnings():  # the warning filters are global: one thread at a time
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if isinstance(image, Image.Image):
                 img = image

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ try:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
 except ImportError as e:  # an optional extra: say how to get it
     raise InputError(f"kimivl serve needs FastAPI and uvicorn ({e}): pip install 'kimivl[serve]'") from None
 from .generation import ThinkingText
@@ -148,12 +150,14 @@ def parse_settings(body: dict, engine: Engine) -> tuple[dict, int, bool, bool]:
         raise APIError(400, f"response_format {fmt.get('type')!r} is not supported: text only", "response_format")
     settings: dict[str, Any] = {}
     for name, field, kind, low, high in (("temperature", "temperature", float, 0, 2), ("top_p", "top_p", float, 0, 1),
-                                         ("top_k", "top_k", int, 0, None), ("seed", "seed", int, 0, 2**63 - 1),
+                                         ("top_k", "top_k", int, 0, None), ("seed", "seed", int, -2**63, 2**64 - 1),
                                          ("max_tokens", "max_new_tokens", int, 1, None),
                                          ("max_completion_tokens", "max_new_tokens", int, 1, None)):
         value = _number(body, name, kind, low, high)
         if value is not None:
             settings[field] = value
+    if "seed" in settings:  # OpenAI takes any 64-bit seed; torch's generators take 0..2**63-1
+        settings["seed"] %= 2**63
     if settings.get("top_p") == 0:
         raise APIError(400, "top_p must be > 0", "top_p")
     stop = body.get("stop")
@@ -207,19 +211,33 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         responses[e.status] = responses.get(e.status, 0) + 1
         return JSONResponse(e.body(), status_code=e.status)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):  # unknown paths, wrong methods: the same shape
+        return await api_error(request, APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
+
     def authorize(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        given = request.headers.get("authorization", "").encode()
+        if api_key is not None and not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
             raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
 
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "kimivl"}
+
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "kimivl"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        authorize(request)
+        if name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist: this server serves {model_name!r}", "model",
+                           "model_not_found")
+        return card
 
     @app.get("/metrics")
     async def metrics():
@@ -234,6 +252,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             raise APIError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
+        if not isinstance(body.get("model"), str):
+            raise APIError(400, "model must be given: the name GET /v1/models lists", "model")
         if body.get("model") != model_name:
             raise APIError(404, f"the model {body.get('model')!r} does not exist: this server serves {model_name!r}",
                            "model", "model_not_found")
@@ -261,16 +281,18 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             return StreamingResponse(sse(head, choices, queue, usage, include_usage, engine),
                                      media_type="text/event-stream")
         try:
-            done = 0
+            done, checked = 0, time.monotonic()
             while done < len(seqs):
                 try:
                     seq, delta, last = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    choices[seq.index].push(delta, last)
+                    done += last
                 except asyncio.TimeoutError:
+                    pass
+                if time.monotonic() - checked > 0.5:  # twice a second, tokens arriving or not
+                    checked = time.monotonic()
                     if await request.is_disconnected():  # nobody to answer: free the rows
                         return Response(status_code=499)
-                    continue
-                choices[seq.index].push(delta, last)
-                done += last
         finally:
             engine.cancel([s for s in seqs if not s.finish_reason])
         failed = next((s.error for s in seqs if s.error is not None), None)

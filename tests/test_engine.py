@@ -183,9 +183,14 @@ def test_bad_requests_are_refused_with_the_reason(loaded):
         engine.submit(prompt, engine.settings(max_new_tokens=4), n=3)
     with pytest.raises(InputError, match="temperature"):
         engine.submit(prompt, engine.settings(temperature=-1))
-    engine.submit(prompt, engine.settings(max_new_tokens=4))
-    with pytest.raises(QueueFull, match="1 requests are already waiting"):
+    for _ in range(3):  # two get the free rows, one waits
         engine.submit(prompt, engine.settings(max_new_tokens=4))
+    with pytest.raises(QueueFull, match="every batch row is taken and 1 requests are already waiting"):
+        engine.submit(prompt, engine.settings(max_new_tokens=4))
+    waiting = engine.waiting[-1]
+    engine.cancel(waiting)  # a cancelled request leaves the queue at once
+    assert waiting[0].finish_reason == "cancelled" and len(engine.waiting) == 2
+    engine.submit(prompt, engine.settings(max_new_tokens=4))
     run(engine)
     with pytest.raises(InputError, match="one conversation"):
         engine.prepare([conversation("a"), conversation("b")])
@@ -204,3 +209,21 @@ def test_a_failing_request_fails_alone(loaded, monkeypatch):
     run(engine)
     assert bad.finish_reason == "error" and str(bad.error) == "boom"
     assert again.tokens == good.tokens and again.finish_reason == good.finish_reason
+
+
+def test_a_row_whose_sampling_fails_fails_alone(loaded, monkeypatch):
+    """One row's sampling raising in a decode step ends that sequence with the error; the batch goes on. And a
+    temperature near 0 samples like greedy instead of overflowing."""
+    model, processor = loaded
+    engine = Engine(model, processor)
+    conv = conversation("Describe it.", (56, 56))
+    [tiny_t] = engine.submit(engine.prepare(conv), engine.settings(temperature=1e-38, max_new_tokens=6, seed=1))
+    [greedy], _ = collect(engine, engine.prepare(conv), max_new_tokens=6)
+    [doomed] = engine.submit(engine.prepare(conversation("x")), engine.settings(temperature=1.0, max_new_tokens=6))
+    engine.step()
+    real_sample = engine_module.sample
+    monkeypatch.setattr(engine_module, "sample", lambda logits, cfg, gen: (_ for _ in ()).throw(
+        RuntimeError("bad row")) if cfg.temperature == 1.0 else real_sample(logits, cfg, gen))
+    run(engine)
+    assert doomed.finish_reason == "error" and str(doomed.error) == "bad row"
+    assert tiny_t.tokens == greedy.tokens and greedy.finish_reason in ("stop", "length") and greedy.error is None

@@ -204,11 +204,28 @@ def test_errors_in_the_openai_shape(client, server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(request)
     assert e.value.code == 400 and "not valid JSON" in json.loads(e.value.read())["error"]["message"]
-    engine.max_queue = 0  # every request now finds the queue full
+    request = urllib.request.Request(f"{url}/chat/completions", data=b'{"messages": []}', method="POST",
+                                     headers={"Authorization": f"Bearer {KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request)
+    assert e.value.code == 400 and "model must be given" in json.loads(e.value.read())["error"]["message"]
+    with pytest.raises(openai.NotFoundError, match="GET /v1/nowhere: Not Found"):
+        client.get("/nowhere", cast_to=object)
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4o")
+
+    engine.max_queue = 0  # no request may wait beyond the free rows
+    hog = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1500, n=4, stream=True,
+                                         extra_body={"ignore_eos": True})
     try:
-        with pytest.raises(openai.RateLimitError, match="already waiting"):
+        next(iter(hog))
+        while len(engine.running) < 4:
+            time.sleep(0.01)
+        with pytest.raises(openai.RateLimitError, match="every batch row is taken"):
             client.chat.completions.create(model="tiny", messages=messages)
     finally:
+        hog.close()
         engine.max_queue = 64
 
 
@@ -225,6 +242,20 @@ def test_a_client_that_goes_away_frees_its_row(client, server):
     while engine.running and time.time() < deadline:
         time.sleep(0.05)
     assert engine.running == [] and engine.cache.max_len == 0
+
+
+def test_a_waiting_client_that_goes_away_frees_its_row(server):
+    """Without streaming too: a client that times out while its answer is being generated stops it."""
+    url, engine = server
+    impatient = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=1.0)
+    before = engine.counters["generated_tokens"]
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go on"}],
+                                          max_tokens=1500, temperature=0, extra_body={"ignore_eos": True})
+    deadline = time.time() + 20
+    while engine.running and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.running == [] and 0 < engine.counters["generated_tokens"] - before < 1500  # stopped early
 
 
 def test_health_and_metrics(server, client):

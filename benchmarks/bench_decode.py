@@ -160,10 +160,8 @@ class Ours:
         cache.advance(context)
         token = torch.randint(0, cfg.vocab_size, (batch, 1), generator=gen)
 
-        def step():
-            pos = torch.full((batch, 1), cache.length)
-            hidden = lm.hidden_states(lm.model.embed_tokens(token), pos, None, cache)
-            return lm.lm_head(hidden[:, -1]).float()
+        def step():  # the step generation and the serving engine run: one token per row at the next slot
+            return lm.decode_step(token, torch.full((batch, 1), cache.length), cache, torch.tensor([cache.length]))
         return step
 
     @torch.no_grad()

@@ -202,9 +202,10 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
         if graphed:
             logits = step_fn(token, next_pos, cache.length)
             cache.advance(1)
-        else:
-            hidden = lm.hidden_states(lm.model.embed_tokens(token[:, None]), next_pos, None, cache)
-            logits = lm.lm_head(hidden[:, -1]).float()
+        else:  # the same step, eager, over the whole cache buffer (one block per row: no copy of it per layer)
+            logits = lm.decode_step(token[:, None], next_pos, cache,
+                                    torch.tensor([cache.length], device=input_ids.device))
+            cache.advance(1)
         token = sample(logits, cfg, generator)
         if logprobs is not None:
             logprobs.append(token_logprobs(logits, token, cfg.temperature))

@@ -134,6 +134,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "1024; 0: off)")
     p.add_argument("--api-key", default=os.environ.get("KIMIVL_API_KEY"),
                    help="require Authorization: Bearer KEY (default: $KIMIVL_API_KEY; none: open)")
+    p.add_argument("--max-request-mb", type=int, default=64,
+                   help="largest request body, base64 images included; beyond, 413 (default 64)")
     p.add_argument("--allowed-local-media", metavar="DIR",
                    help="let image_url name local files under DIR (default: base64 data: URLs only)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -145,13 +147,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from .serve import serve
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
-                             ("--prefix-cache-mb", args.prefix_cache_mb, 0), ("--port", args.port, 0)):
+                             ("--prefix-cache-mb", args.prefix_cache_mb, 0), ("--port", args.port, 0),
+                             ("--max-request-mb", args.max_request_mb, 1)):
         if value < low:
             raise InputError(f"{flag} must be >= {low}, got {value}")
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           api_key=args.api_key, allowed_local_media=args.allowed_local_media,
           served_model_name=args.served_model_name, prefix_cache_mb=args.prefix_cache_mb, dtype=args.dtype,
-          device=args.device, quantize=args.quantize, group_size=args.group_size)
+          device=args.device, quantize=args.quantize, group_size=args.group_size,
+          max_request_mb=args.max_request_mb)
 
 
 def _load(args: argparse.Namespace):
@@ -241,7 +245,9 @@ def _chat(args: argparse.Namespace) -> None:
     from .engine import Engine
 
     model, processor, config = _load(args)
-    engine = Engine(model, processor, max_batch=1)  # each turn prefills only what follows the cached conversation
+    # on CPU each turn prefills only what follows the cached conversation; on CUDA decoding replays a captured graph
+    # (`generate`'s path), which the engine's changing batch does not have, and prefill there is cheap
+    engine = Engine(model, processor, max_batch=1) if model.device.type == "cpu" else None
     print("chat: /image PATH attaches an image to your next message, /reset forgets, /exit quits", file=sys.stderr)
     history, images = _system(args), []
     if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes arrive as lone surrogates, refused line by line below

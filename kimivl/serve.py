@@ -45,7 +45,7 @@ class APIError(Exception):
     """An error answered in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             429: "rate_limit_error", 500: "server_error"}
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -190,8 +190,9 @@ class Choice:
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None,
-               allowed_local_media: str | os.PathLike | None = None):
-    """The FastAPI app serving `engine` as `model_name`; the engine's thread runs while the app does."""
+               allowed_local_media: str | os.PathLike | None = None, max_request_bytes: int = 64 << 20):
+    """The FastAPI app serving `engine` as `model_name`; the engine's thread runs while the app does. Request bodies
+    over max_request_bytes (base64 images included) are refused with 413 before they are held whole."""
     media_root = Path(allowed_local_media).resolve() if allowed_local_media else None
     created = int(time.time())
     responses: dict[int, int] = {}
@@ -247,7 +248,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     async def chat(request: Request):
         authorize(request)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await read_body(request, max_request_bytes))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise APIError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -304,6 +305,20 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                          **({"reasoning_content": c.reasoning} if c.reasoning else {})}} for c in choices]}
 
     return app
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, read in chunks and refused (413) as soon as it passes `limit` bytes."""
+    too_large = APIError(413, f"the request body is over {limit >> 20} MiB (--max-request-mb)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
 
 
 async def sse(head: dict, choices: list[Choice], queue: asyncio.Queue, usage, include_usage: bool, engine: Engine
@@ -394,7 +409,7 @@ def in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           api_key: str | None = None, allowed_local_media: str | None = None, served_model_name: str | None = None,
           prefix_cache_mb: int = 1024, dtype: str | None = None, device: str = "cpu", quantize: str | None = None,
-          group_size: int | None = None) -> None:
+          group_size: int | None = None, max_request_mb: int = 64) -> None:
     """Load the checkpoint and serve it until interrupted."""
     from .model import KimiVLForConditionalGeneration
     from .processing import KimiVLProcessor
@@ -410,4 +425,5 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: 
                     prefix_cache_bytes=prefix_cache_mb << 20)
     name = served_model_name or Path(model_dir).resolve().name
     log.info("serving %s as %r on http://%s:%d/v1", model_dir, name, host, port)
-    uvicorn.run(create_app(engine, name, api_key, allowed_local_media), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(engine, name, api_key, allowed_local_media, max_request_mb << 20), host=host, port=port,
+                log_level="info")

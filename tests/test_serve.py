@@ -42,7 +42,8 @@ def media(tmp_path_factory) -> Path:
 def server(loaded, media):
     """(base_url, engine) of a server with 4 batch rows, an API key and local images allowed under `media`."""
     engine = Engine(*loaded, max_batch=4, max_queue=64)
-    with in_thread(create_app(engine, "tiny", api_key=KEY, allowed_local_media=media)) as url:
+    with in_thread(create_app(engine, "tiny", api_key=KEY, allowed_local_media=media,
+                              max_request_bytes=1 << 20)) as url:
         yield url, engine
 
 
@@ -211,6 +212,10 @@ def test_errors_in_the_openai_shape(client, server):
     assert e.value.code == 400 and "model must be given" in json.loads(e.value.read())["error"]["message"]
     with pytest.raises(openai.NotFoundError, match="GET /v1/nowhere: Not Found"):
         client.get("/nowhere", cast_to=object)
+    with pytest.raises(openai.APIStatusError, match="over 1 MiB") as e:  # a 1.5 MB image, over this server's 1 MiB
+        client.chat.completions.create(model="tiny", messages=[image_message("hi", "data:image/png;base64," +
+                                                                             "A" * 1_500_000)])
+    assert e.value.status_code == 413
     assert client.models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.models.retrieve("gpt-4o")

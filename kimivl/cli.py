@@ -134,6 +134,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "1024; 0: off)")
     p.add_argument("--api-key", default=os.environ.get("KIMIVL_API_KEY"),
                    help="require Authorization: Bearer KEY (default: $KIMIVL_API_KEY; none: open)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per decode step while other requests decode (default 512)")
     p.add_argument("--max-request-mb", type=int, default=64,
                    help="largest request body, base64 images included; beyond, 413 (default 64)")
     p.add_argument("--allowed-local-media", metavar="DIR",
@@ -148,14 +150,14 @@ def _serve(args: argparse.Namespace) -> None:
     from .serve import serve
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                              ("--prefix-cache-mb", args.prefix_cache_mb, 0), ("--port", args.port, 0),
-                             ("--max-request-mb", args.max_request_mb, 1)):
+                             ("--max-request-mb", args.max_request_mb, 1), ("--prefill-chunk", args.prefill_chunk, 1)):
         if value < low:
             raise InputError(f"{flag} must be >= {low}, got {value}")
     serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           api_key=args.api_key, allowed_local_media=args.allowed_local_media,
           served_model_name=args.served_model_name, prefix_cache_mb=args.prefix_cache_mb, dtype=args.dtype,
           device=args.device, quantize=args.quantize, group_size=args.group_size,
-          max_request_mb=args.max_request_mb)
+          max_request_mb=args.max_request_mb, prefill_chunk=args.prefill_chunk)
 
 
 def _load(args: argparse.Namespace):
@@ -213,8 +215,9 @@ def _answer(model, processor, messages: list[dict], config, no_stream: bool = Fa
     print(flush=True)
     s = out.stats
     reused = f" ({out.reused} more reused from the cache)" if getattr(out, "reused", 0) else ""
-    print(f"[prefill {s.prompt_tokens} tokens{reused} at {s.prefill_tokens_per_second:.1f} tok/s, decode {s.new_tokens} "
-          f"tokens at {s.decode_tokens_per_second:.1f} tok/s, stopped: {out.finish_reason}]", file=sys.stderr)
+    print(f"[prefill {s.prompt_tokens} tokens{reused} at {s.prefill_tokens_per_second:.1f} tok/s, "
+          f"decode {s.new_tokens} tokens at {s.decode_tokens_per_second:.1f} tok/s, stopped: {out.finish_reason}]",
+          file=sys.stderr)
     return out.text
 
 

@@ -180,12 +180,12 @@ class Engine:
     """Continuous batching over one model: `submit` prompts, call `step` (or `start` a thread that does), read each
     sequence's text through its `emit` callback. `max_batch` rows decode together; `max_queue` requests may wait
     for a row (None: unbounded; beyond it `submit` raises QueueFull); `prefix_cache_bytes` is the prefix LRU's budget
-    (0: no reuse)."""
+    (0: no reuse); `prefill_chunk` the prompt tokens a step prefills while other rows decode."""
 
     def __init__(self, model: "KimiVLForConditionalGeneration", processor: "KimiVLProcessor", max_batch: int = 8,
-                 max_queue: int | None = None, prefix_cache_bytes: int = 1 << 30):
-        if max_batch < 1:
-            raise InputError(f"max_batch must be >= 1, got {max_batch}")
+                 max_queue: int | None = None, prefix_cache_bytes: int = 1 << 30, prefill_chunk: int = 512):
+        if max_batch < 1 or prefill_chunk < 1:
+            raise InputError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         tok, cfg = processor.tokenizer, model.config.text_config
         if tok.vocab_size > cfg.vocab_size:
             raise InputError(f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
@@ -196,7 +196,9 @@ class Engine:
         self.context = cfg.max_position_embeddings
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.cache = self._new_cache(0)
+        self.prefill_chunk = prefill_chunk
         self.running: list[Sequence] = []
+        self._filling: Filling | None = None  # the request being prefilled, chunk by chunk
         self.waiting: collections.deque[list[Sequence]] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -255,23 +257,46 @@ class Engine:
     # ---- the loop ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> bool:
-        """Drop cancelled sequences, admit waiting requests into free rows (each prefilled), and run one decode step
-        for every running row. -> whether work remains."""
+        """Drop cancelled sequences, prefill waiting requests into free rows, and run one decode step for every
+        running row. -> whether work remains.
+
+        While rows are decoding, a step prefills at most `prefill_chunk` prompt tokens (a long prompt takes several
+        steps, its chunks between the decode steps), so the running answers keep coming; an idle engine prefills
+        everything waiting at once."""
         for s in [s for s in self.running if s.cancelled]:
             self._finish(s, "cancelled")
-        while True:
-            with self._cond:
-                if not self.waiting or len(self.waiting[0]) > self.max_batch - len(self.running):
-                    break
-                group = self.waiting.popleft()
-            if all(s.cancelled for s in group):
-                for s in group:
+        budget = self.prefill_chunk if self.running else None
+        while budget is None or budget > 0:
+            if self._filling is None:
+                with self._cond:
+                    if not self.waiting or len(self.waiting[0]) > self.max_batch - len(self.running):
+                        break
+                    group = self.waiting.popleft()
+                if all(s.cancelled for s in group):
+                    for s in group:
+                        self._finish(s, "cancelled")
+                    continue
+                try:
+                    self._filling = Filling(self, group[0].prompt, group)
+                except Exception as e:  # this request fails; the others go on
+                    self._fail(group, e)
+                    continue
+            filling = self._filling
+            if all(s.cancelled for s in filling.group):
+                self._filling = None
+                for s in filling.group:
                     self._finish(s, "cancelled")
                 continue
             try:
-                self._admit(group)
-            except Exception as e:  # this request fails; the others go on
-                self._fail(group, e)
+                done = filling.run(budget)
+                if filling.logits is not None:
+                    self._filling = None
+                    self._admit(filling)
+            except Exception as e:
+                self._filling = None
+                self._fail(filling.group, e)
+                continue
+            budget = None if budget is None else budget - done
         if self.running:
             try:
                 self._decode()
@@ -280,7 +305,7 @@ class Engine:
         if not self.running and self.cache.max_len:
             self.cache = self._new_cache(0)  # idle: give the memory back
         with self._cond:
-            return bool(self.running or self.waiting)
+            return bool(self.running or self.waiting or self._filling)
 
     def start(self) -> None:
         """Run `step` in a background thread until `stop`."""
@@ -302,6 +327,9 @@ class Engine:
         """End every running and waiting sequence as cancelled and empty the batch (the prefix cache is kept)."""
         with self._cond:
             groups, self.waiting = list(self.waiting), collections.deque()
+        if self._filling is not None:
+            groups.append(self._filling.group)
+            self._filling = None
         for s in [s for g in groups for s in g] + self.running:
             s.row = -1
             self._end(s, "cancelled", "")
@@ -320,6 +348,9 @@ class Engine:
             except Exception as e:  # a bug must not leave every client waiting on a dead thread
                 with self._cond:
                     waiting, self.waiting = [s for g in self.waiting for s in g], collections.deque()
+                if self._filling is not None:
+                    waiting += self._filling.group
+                    self._filling = None
                 self._fail(list(self.running) + waiting, e)
 
     def stream(self, messages: Seq[dict], *, images: Seq[Any] | None = None,
@@ -350,47 +381,24 @@ class Engine:
         new.valid[:n, :old] = self.cache.valid[:n]
         self.cache = new
 
-    def _prefill(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Run the prompt from its longest cached prefix (at least its last token is computed, for the logits).
-        -> latent [layers, P, C], k_pe [layers, P, rope], logits [1, vocab] float32, tokens reused."""
-        P = len(prompt.ids)
-        entry, m = self.prefixes.match(prompt.key, P - 1)
-        m = prompt.cut(m)
-        cache = MLACache(self.lm.config, 1, P, device=self.model.device, dtype=self.model.dtype)
-        if m:
-            cache.latent[:, 0, :m], cache.k_pe[:, 0, :m] = entry[1][:, :m], entry[2][:, :m]
-            cache.valid[0, :m] = True
-            cache.advance(m)
-            self.prefixes.hits += 1
-            self.prefixes.reused_tokens += m
-        device = self.model.device
-        pixels, grids = prompt.images_from(m)
-        if pixels is not None:
-            pixels, grids = pixels.to(device, self.model.dtype), grids.to(device)
-        embeds = self.model.embed(torch.tensor([prompt.ids[m:]], device=device), pixels, grids)
-        positions = torch.arange(m, P, device=device)[None]
-        hidden = self.lm.hidden_states(embeds, positions, None, cache)
-        return cache.latent[:, 0], cache.k_pe[:, 0], self.lm.lm_head(hidden[:, -1]).float(), m
-
-    def _admit(self, group: list[Sequence]) -> None:
-        start = time.perf_counter()
-        prompt = group[0].prompt
-        latent, k_pe, logits, reused = self._prefill(prompt)
-        P = len(prompt.ids)
+    def _admit(self, filling: "Filling") -> None:
+        """A prefilled request's rows join the batch, and its first tokens are sampled."""
+        group, prompt, P = filling.group, filling.prompt, len(filling.prompt.ids)
+        latent, k_pe = filling.cache.latent[:, 0], filling.cache.k_pe[:, 0]
         self._ensure_slots(P + 1)
         for s in group:
             r = s.row = len(self.running)
             self.cache.latent[:, r, :P], self.cache.k_pe[:, r, :P] = latent, k_pe
             self.cache.valid[r] = False
             self.cache.valid[r, :P] = True
-            s.length, s.reused = P, reused
-            s.stats.prompt_tokens, s.stats.prefill_seconds = P - reused, time.perf_counter() - start
+            s.length, s.reused = P, filling.reused
+            s.stats.prompt_tokens, s.stats.prefill_seconds = P - filling.reused, filling.seconds
             if s.config.seed is not None:
                 s.generator = torch.Generator(device=self.model.device).manual_seed(s.config.seed + s.index)
             self.running.append(s)
         self.prefixes.put(prompt.key, latent, k_pe)
-        self.counters.update(requests=1, prompt_tokens=P, reused_tokens=reused)
-        for s, token in zip(group, self._sample(group, logits.expand(len(group), -1))):
+        self.counters.update(requests=1, prompt_tokens=P, reused_tokens=filling.reused)
+        for s, token in zip(group, self._sample(group, filling.logits.expand(len(group), -1))):
             self._push(s, token)
 
     def _decode(self) -> None:
@@ -484,6 +492,51 @@ class Engine:
             if s.finish_reason is None:
                 s.error = error
                 self._finish(s, "error")
+
+
+class Filling:
+    """A request being prefilled: from the longest cached prefix of its prompt (an image is reused whole or not at
+    all, and at least the last token is computed, for the logits), its remaining images through the vision tower
+    once, then its tokens chunk by chunk into a one-row cache. `logits` [1, vocab] float32 is set when done."""
+
+    def __init__(self, engine: Engine, prompt: Prompt, group: list[Sequence]):
+        self.engine, self.prompt, self.group = engine, prompt, group
+        self.started = time.perf_counter()
+        model, P = engine.model, len(self.prompt.ids)
+        entry, m = engine.prefixes.match(self.prompt.key, P - 1)
+        m = self.prompt.cut(m)
+        self.cache = MLACache(engine.lm.config, 1, P, device=model.device, dtype=model.dtype)
+        if m:
+            self.cache.latent[:, 0, :m], self.cache.k_pe[:, 0, :m] = entry[1][:, :m], entry[2][:, :m]
+            self.cache.valid[0, :m] = True
+            self.cache.advance(m)
+            engine.prefixes.hits += 1
+            engine.prefixes.reused_tokens += m
+        self.reused = m
+        pixels, grids = self.prompt.images_from(m)
+        self.features = None if pixels is None else model.image_features(  # [image tokens after m, hidden]
+            pixels.to(model.device, model.dtype), grids.to(model.device))
+        self.features_used = 0
+        self.logits: torch.Tensor | None = None
+        self.seconds = 0.0
+
+    def run(self, budget: int | None) -> int:
+        """Prefill the next `budget` prompt tokens (None: all the rest); -> how many were run."""
+        engine, prompt, device = self.engine, self.prompt, self.engine.model.device
+        start, P = self.cache.length, len(prompt.ids)
+        end = P if budget is None else min(P, start + budget)
+        ids = torch.tensor([prompt.ids[start:end]], device=device)
+        n_media = int((ids == engine.model.config.media_placeholder_token_id).sum())
+        feats = None
+        if n_media:
+            feats = self.features[self.features_used:self.features_used + n_media]
+            self.features_used += n_media
+        hidden = engine.lm.hidden_states(engine.model.embed(ids, image_features=feats),
+                                         torch.arange(start, end, device=device)[None], None, self.cache)
+        if end == P:
+            self.logits = engine.lm.lm_head(hidden[:, -1]).float()
+        self.seconds = time.perf_counter() - self.started
+        return end - start
 
 
 class SequenceStream:

@@ -409,7 +409,7 @@ def in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, max_queue: int = 64,
           api_key: str | None = None, allowed_local_media: str | None = None, served_model_name: str | None = None,
           prefix_cache_mb: int = 1024, dtype: str | None = None, device: str = "cpu", quantize: str | None = None,
-          group_size: int | None = None, max_request_mb: int = 64) -> None:
+          group_size: int | None = None, max_request_mb: int = 64, prefill_chunk: int = 512) -> None:
     """Load the checkpoint and serve it until interrupted."""
     from .model import KimiVLForConditionalGeneration
     from .processing import KimiVLProcessor
@@ -422,7 +422,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: 
     model = KimiVLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device=device, quantize=quantize,
                                                            group_size=group_size)
     engine = Engine(model, processor, max_batch=max_batch, max_queue=max_queue,
-                    prefix_cache_bytes=prefix_cache_mb << 20)
+                    prefix_cache_bytes=prefix_cache_mb << 20, prefill_chunk=prefill_chunk)
     name = served_model_name or Path(model_dir).resolve().name
     log.info("serving %s as %r on http://%s:%d/v1", model_dir, name, host, port)
     uvicorn.run(create_app(engine, name, api_key, allowed_local_media, max_request_mb << 20), host=host, port=port,

@@ -10,7 +10,7 @@ from PIL import Image
 
 from kimivl import InputError, KimiVLForConditionalGeneration, KimiVLProcessor, stream
 from kimivl import engine as engine_module
-from kimivl.engine import Engine, PrefixCache, QueueFull, common_prefix
+from kimivl.engine import Engine, Filling, PrefixCache, QueueFull, common_prefix
 
 from .helpers import rel_err
 
@@ -40,6 +40,14 @@ def collect(engine: Engine, prompt, n=1, **settings):
     seqs = engine.submit(prompt, engine.settings(temperature=0, **settings), n=n,
                          emit=lambda s, d: deltas.__setitem__(s, deltas.get(s, "") + d))
     return seqs, deltas
+
+
+def prefill(engine: Engine, prompt, chunk: int | None = None) -> tuple:
+    """(latent, k_pe, logits, tokens reused) of the prompt prefilled by the engine, `chunk` tokens at a time."""
+    filling = Filling(engine, prompt, [])
+    while filling.logits is None:
+        filling.run(chunk)
+    return filling.cache.latent[:, 0], filling.cache.k_pe[:, 0], filling.logits, filling.reused
 
 
 def run(engine: Engine, limit: int = 500) -> None:
@@ -112,10 +120,10 @@ def test_prefix_reuse_equals_a_full_prefill(loaded):
     original = model.image_features
     model.image_features = lambda *a: calls.append(a) or original(*a)
     try:
-        latent, k_pe, logits, reused = engine._prefill(prompt)
+        latent, k_pe, logits, reused = prefill(engine, prompt)
     finally:
         del model.image_features
-    full_latent, full_k_pe, full_logits, none = Engine(model, processor)._prefill(prompt)
+    full_latent, full_k_pe, full_logits, none = prefill(Engine(model, processor), prompt)
     first_prompt = len(engine.prepare(first).ids)
     assert none == 0 and reused >= first_prompt and calls == []
     assert rel_err(latent, full_latent) < 1e-5 and rel_err(k_pe, full_k_pe) < 1e-5
@@ -130,7 +138,7 @@ def test_prefix_reuse_equals_a_full_prefill(loaded):
     changed = engine.prepare(other)
     image_start = changed.spans[0][0]
     assert changed.ids == prompt.ids and changed.key != prompt.key
-    assert engine._prefill(changed)[3] == image_start  # the text before the image only
+    assert prefill(engine, changed)[3] == image_start  # the text before the image only
 
 
 def test_prefix_cache_keeps_the_longest_entries_within_its_budget():
@@ -201,9 +209,9 @@ def test_a_failing_request_fails_alone(loaded, monkeypatch):
     engine = Engine(model, processor)
     good = collect(engine, engine.prepare(conversation("fine")), max_new_tokens=5)[0][0]
     run(engine)
-    original = engine._prefill
-    monkeypatch.setattr(engine, "_prefill", lambda p: (_ for _ in ()).throw(RuntimeError("boom"))
-                        if len(p.ids) > 30 else original(p))
+    original = Filling.run
+    monkeypatch.setattr(Filling, "run", lambda self, budget: (_ for _ in ()).throw(RuntimeError("boom"))
+                        if len(self.prompt.ids) > 30 else original(self, budget))
     bad = engine.submit(engine.prepare(conversation("x " * 40)), engine.settings(max_new_tokens=5))[0]
     again = collect(engine, engine.prepare(conversation("fine")), max_new_tokens=5)[0][0]
     run(engine)
@@ -227,3 +235,31 @@ def test_a_row_whose_sampling_fails_fails_alone(loaded, monkeypatch):
     run(engine)
     assert doomed.finish_reason == "error" and str(doomed.error) == "bad row"
     assert tiny_t.tokens == greedy.tokens and greedy.finish_reason in ("stop", "length") and greedy.error is None
+
+
+def test_chunked_prefill_equals_one_pass_and_lets_running_rows_decode(loaded):
+    """A prompt prefilled 7 tokens at a time (its image's tokens cut across chunks) gives the latents and logits of
+    one pass (float32, relative 1e-5). In the engine, while rows decode, a step prefills at most prefill_chunk
+    tokens of a newcomer, so the running row gets a token every step meanwhile; the newcomer's answer equals the
+    request answered alone."""
+    model, processor = loaded
+    engine = Engine(model, processor, prefill_chunk=8)
+    conv = conversation("Read the text in this picture, please.", (84, 56))
+    prompt = engine.prepare(conv)
+    assert any(a % 7 and a // 7 != (b - 1) // 7 for a, b in prompt.spans)  # an image cut by a chunk boundary
+    chunked, whole = prefill(engine, prompt, 7), prefill(engine, prompt)
+    for a, b in zip(chunked[:3], whole[:3]):
+        assert rel_err(a, b) < 1e-5
+    [first] = engine.submit(engine.prepare(conversation("go on")), engine.settings(temperature=0, max_new_tokens=60),
+                            ignore_eos=True)
+    engine.step()
+    [late], deltas = collect(engine, prompt, max_new_tokens=6)
+    fill_steps, tokens_before = 0, len(first.tokens)
+    while late.row < 0 and late.finish_reason is None:
+        engine.step()
+        fill_steps += 1
+    assert late.reused > 0  # the system prompt, cached by the first request
+    assert fill_steps == -(-(len(prompt.ids) - late.reused) // 8) > 2
+    assert len(first.tokens) - tokens_before == fill_steps  # a token each step meanwhile
+    run(engine)
+    assert (late.text.token_ids, deltas.get(late, "")) == alone(model, processor, conv, max_new_tokens=6)[:2]

@@ -7,7 +7,8 @@ The server runs in this process (uvicorn in a thread, `kimivl.serve.in_thread`) 
 official `openai` client, streaming, so each request's time to first token (TTFT: from sending to the first content
 chunk) is seen as a client sees it. Every request is greedy with `ignore_eos`, so each makes exactly --max-tokens
 tokens, and its answer is checked against the sequential run. The baseline is the same requests sent one after
-another to a server with one batch row (what serving without continuous batching gives). Without --model the
+another to a server with one batch row (what serving without continuous batching gives). Last, a long prompt
+arriving while a client streams, prefilled whole or in --prefill-chunk pieces between decode steps. Without --model the
 benchmark writes a random checkpoint of the `wide` shape (hidden 1024, 4 layers, 16 experts, float32; the tiny
 tokenizer) to --work.
 """
@@ -132,6 +133,38 @@ def chat(model, processor, turns: int, max_tokens: int, reuse: bool) -> list[dic
     return rows
 
 
+def stall(model, processor, chunk: int, prompt_words: int, max_tokens: int) -> dict:
+    """A client streaming its answer while a request with a long prompt arrives: the longest gap between two of the
+    first client's tokens, and the newcomer's time to first token."""
+    import openai
+
+    engine = Engine(model, processor, max_batch=2, prefix_cache_bytes=0, prefill_chunk=chunk)
+    long_prompt = [{"role": "user", "content": "Summarise: " + "the quick brown fox jumps over a lazy dog " * (
+        prompt_words // 9)}]
+    with in_thread(create_app(engine, "bench")) as url:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
+        ask(client, [{"role": "user", "content": "warm up"}], 2)
+        stamps, newcomer = [], {}
+
+        def newcomer_request():
+            newcomer["result"] = ask(client, long_prompt, 4)
+
+        with ThreadPoolExecutor(1) as pool:
+            future = None
+            for chunk_ in client.chat.completions.create(
+                    model="bench", messages=[{"role": "user", "content": "Tell me a long story."}],
+                    max_tokens=max_tokens, temperature=0, stream=True, extra_body={"ignore_eos": True}):
+                if chunk_.choices and chunk_.choices[0].delta.content:
+                    stamps.append(time.perf_counter())
+                    if len(stamps) == 5:
+                        future = pool.submit(newcomer_request)
+            future.result()
+        prompt_tokens = engine.counters["prompt_tokens"]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"chunk": chunk, "max_gap_s": max(gaps), "median_gap_s": statistics.median(gaps),
+            "newcomer_ttft_s": newcomer["result"][1], "prompt_tokens": prompt_tokens}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: a random `wide` one in --work)")
@@ -140,6 +173,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--long-prompt", type=int, default=1000, help="words of the late request's prompt")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     path = args.model or write_wide(args.work)
@@ -172,10 +206,19 @@ def main() -> None:
     for off, on in zip(chats[False], chats[True]):
         print(f"| {off['turn']} | {off['prompt_tokens']} | {on['reused']} | {off['ttft_s'] * 1e3:.0f} ms | "
               f"{on['ttft_s'] * 1e3:.0f} ms | {off['total_s']:.2f} s | {on['total_s']:.2f} s |")
+    stalls = [stall(model, processor, chunk, args.long_prompt, 64) for chunk in (10**9, 512)]
+    print(f"\nA client streams 64 tokens; after its 5th, a request with a {args.long_prompt}-word prompt arrives")
+    print("\n| prefill per step | longest gap between the first client's tokens | median gap | newcomer's TTFT |")
+    print("|---|---|---|---|")
+    for r in stalls:
+        name = "whole prompt" if r["chunk"] >= 10**9 else f"{r['chunk']} tokens (--prefill-chunk)"
+        print(f"| {name} | {r['max_gap_s'] * 1e3:.0f} ms | {r['median_gap_s'] * 1e3:.0f} ms | "
+              f"{r['newcomer_ttft_s'] * 1e3:.0f} ms |")
     if args.json:
         args.json.write_text(json.dumps({"load": [{k: v for k, v in r.items() if k != "texts"} | {"run": name}
                                                   for name, r in rows],
-                                         "chat": {str(k): v for k, v in chats.items()}}, indent=1))
+                                         "chat": {str(k): v for k, v in chats.items()}, "stall": stalls},
+                                        indent=1))
 
 
 if __name__ == "__main__":

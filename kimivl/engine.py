@@ -339,7 +339,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self.waiting or self.running or self._stopping):
+                while not (self.waiting or self.running or self._filling or self._stopping):
                     self._cond.wait()
                 if self._stopping:
                     return

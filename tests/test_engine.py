@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -263,3 +264,25 @@ def test_chunked_prefill_equals_one_pass_and_lets_running_rows_decode(loaded):
     assert len(first.tokens) - tokens_before == fill_steps  # a token each step meanwhile
     run(engine)
     assert (late.text.token_ids, deltas.get(late, "")) == alone(model, processor, conv, max_new_tokens=6)[:2]
+
+
+def test_the_engine_thread_finishes_a_prefill_left_half_done(loaded):
+    """The last running row finishes while a long prompt is half prefilled: the background loop must go on with it
+    (nothing running, nothing waiting, one request filling), not sleep."""
+    model, processor = loaded
+    engine = Engine(model, processor, prefill_chunk=4)
+    [first] = engine.submit(engine.prepare(conversation("hi")), engine.settings(temperature=0, max_new_tokens=3),
+                            ignore_eos=True)
+    engine.step()  # admitted, one decode step: 2 of its 3 tokens
+    [late] = engine.submit(engine.prepare(conversation("a longer question " * 4)),
+                           engine.settings(temperature=0, max_new_tokens=2))
+    engine.step()  # 4 of the late prompt's tokens, then the first request's last token
+    assert first.finish_reason == "length" and engine._filling is not None and not engine.running
+    engine.start()
+    try:
+        deadline = time.time() + 30
+        while late.finish_reason is None and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert late.finish_reason in ("stop", "length")

@@ -9,6 +9,16 @@ from .config import TextConfig
 from .errors import InputError
 
 
+BLOCK = 256  # caches that grow as sequences lengthen do so in whole blocks of this many slots
+
+
+def slots_for(needed: int, limit: int) -> int:
+    """Cache slots to allocate for `needed`: a quarter more, in whole blocks, at most `limit` (and at least
+    `needed`). Decode steps attend over whole buffers (see `decode_step`), so a buffer much longer than its
+    sequences costs every step; growing by a quarter keeps that small and the copies rare."""
+    return max(needed, min(-(-needed * 5 // 4 // BLOCK) * BLOCK, limit))
+
+
 class MLACache:
     """Preallocated for `batch` rows of up to `max_len` tokens. `valid` marks real (non-padding) slots; `length` is
     the number of slots filled (the same for every row: batches are left-padded)."""
@@ -54,6 +64,19 @@ class MLACache:
         view.latent, view.k_pe = self.latent[:, :n, :length], self.k_pe[:, :n, :length]
         view.valid, view.length = self.valid[:n, :length], min(self.length, length)
         return view
+
+    def resized(self, max_len: int, rows: int | None = None) -> "MLACache":
+        """A new cache of the first `rows` rows (default all) and max_len slots, holding what fits of this one."""
+        rows = self.valid.shape[0] if rows is None else rows
+        new = MLACache.__new__(MLACache)
+        keep = min(max_len, self.max_len)
+        new.latent = self.latent.new_zeros(self.latent.shape[0], rows, max_len, self.latent.shape[-1])
+        new.k_pe = self.k_pe.new_zeros(self.k_pe.shape[0], rows, max_len, self.k_pe.shape[-1])
+        new.valid = self.valid.new_zeros(rows, max_len)
+        new.latent[:, :, :keep], new.k_pe[:, :, :keep] = self.latent[:, :rows, :keep], self.k_pe[:, :rows, :keep]
+        new.valid[:, :keep] = self.valid[:rows, :keep]
+        new.length = min(self.length, max_len)
+        return new
 
     def reset(self) -> None:
         """Empty the cache for reuse (the buffers stay where they are)."""

@@ -135,7 +135,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("KIMIVL_API_KEY"),
                    help="require Authorization: Bearer KEY (default: $KIMIVL_API_KEY; none: open)")
     p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prompt tokens prefilled per decode step while other requests decode (default 512)")
+                   help="prompt tokens prefilled per decode step while other requests decode (default 512); "
+                        "smaller keeps the running answers smoother, at some cost to the newcomer's prefill")
     p.add_argument("--max-request-mb", type=int, default=64,
                    help="largest request body, base64 images included; beyond, 413 (default 64)")
     p.add_argument("--allowed-local-media", metavar="DIR",

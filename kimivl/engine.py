@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence as Seq
 
 import torch
 
-from .cache import MLACache
+from .cache import BLOCK, MLACache, slots_for
 from .errors import InputError, KimiVLError
 from .generation import GenerationConfig, GenerationStats, RowText, checkpoint_settings, end_ids, sample
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from .processing import KimiVLProcessor
 
 log = logging.getLogger(__name__)
-MIN_SLOTS = 256  # the cache's rows grow in blocks of this many slots, a quarter at a time, as sequences lengthen
 
 
 class QueueFull(KimiVLError):
@@ -233,9 +232,14 @@ class Engine:
         group = [Sequence(prompt, config, RowText(self.processor.tokenizer, stops, config.stop_strings), emit, i)
                  for i in range(n)]
         with self._cond:
-            free = self.max_batch - len(self.running) - sum(len(g) for g in self.waiting)
-            queued = len(self.waiting) - max(0, self.max_batch - len(self.running))  # beyond the free rows
-            if self.max_queue is not None and n > free and queued >= self.max_queue:
+            free = self.max_batch - len(self.running) - (len(self._filling.group) if self._filling else 0)
+            queued = 0  # waiting requests that will not find rows when the free ones are handed out in order
+            for g in self.waiting:
+                if queued or len(g) > free:
+                    queued += 1
+                else:
+                    free -= len(g)
+            if self.max_queue is not None and (queued or n > free) and queued >= self.max_queue:
                 raise QueueFull(f"every batch row is taken and {queued} requests are already waiting (--max-queue "
                                 f"{self.max_queue}); try again later")
             self.waiting.append(group)
@@ -370,22 +374,19 @@ class Engine:
     def _new_cache(self, slots: int) -> MLACache:
         return MLACache(self.lm.config, self.max_batch, slots, device=self.model.device, dtype=self.model.dtype)
 
-    def _ensure_slots(self, slots: int) -> None:
-        """Grow every row to at least `slots` cache slots (and a quarter more), keeping the running rows."""
-        if slots <= self.cache.max_len:
+    def _fit_slots(self, needed: int) -> None:
+        """Make every row hold at least `needed` slots; also shrink the rows when the running sequences use under
+        half of them (after a long request has left), since every decode step attends over whole rows."""
+        if needed <= self.cache.max_len and (needed * 2 > self.cache.max_len or self.cache.max_len <= BLOCK):
             return
-        grown = -(-slots * 5 // 4 // MIN_SLOTS) * MIN_SLOTS  # a quarter more, in whole blocks, up to the context
-        new = self._new_cache(max(slots, min(grown, self.context + 1)))
-        n, old = len(self.running), self.cache.max_len
-        new.latent[:, :n, :old], new.k_pe[:, :n, :old] = self.cache.latent[:, :n], self.cache.k_pe[:, :n]
-        new.valid[:n, :old] = self.cache.valid[:n]
-        self.cache = new
+        self.cache = self.cache.resized(slots_for(needed, self.context + 1))
+        self.counters.update(resized=1)
 
     def _admit(self, filling: "Filling") -> None:
         """A prefilled request's rows join the batch, and its first tokens are sampled."""
         group, prompt, P = filling.group, filling.prompt, len(filling.prompt.ids)
         latent, k_pe = filling.cache.latent[:, 0], filling.cache.k_pe[:, 0]
-        self._ensure_slots(P + 1)
+        self._fit_slots(max([P + 1] + [r.length + 1 for r in self.running]))
         for s in group:
             r = s.row = len(self.running)
             self.cache.latent[:, r, :P], self.cache.k_pe[:, r, :P] = latent, k_pe
@@ -398,6 +399,8 @@ class Engine:
             self.running.append(s)
         self.prefixes.put(prompt.key, latent, k_pe)
         self.counters.update(requests=1, prompt_tokens=P, reused_tokens=filling.reused)
+        self.prefixes.hits += filling.reused > 0
+        self.prefixes.reused_tokens += filling.reused
         for s, token in zip(group, self._sample(group, filling.logits.expand(len(group), -1))):
             self._push(s, token)
 
@@ -405,7 +408,7 @@ class Engine:
         start = time.perf_counter()
         rows = list(self.running)
         slots = torch.tensor([s.length for s in rows])
-        self._ensure_slots(int(slots.max()) + 1)
+        self._fit_slots(int(slots.max()) + 1)
         device = self.model.device
         tokens = torch.tensor([[s.tokens[-1]] for s in rows], device=device)
         slots = slots.to(device)
@@ -501,7 +504,7 @@ class Filling:
 
     def __init__(self, engine: Engine, prompt: Prompt, group: list[Sequence]):
         self.engine, self.prompt, self.group = engine, prompt, group
-        self.started = time.perf_counter()
+        started = time.perf_counter()
         model, P = engine.model, len(self.prompt.ids)
         entry, m = engine.prefixes.match(self.prompt.key, P - 1)
         m = self.prompt.cut(m)
@@ -510,18 +513,17 @@ class Filling:
             self.cache.latent[:, 0, :m], self.cache.k_pe[:, 0, :m] = entry[1][:, :m], entry[2][:, :m]
             self.cache.valid[0, :m] = True
             self.cache.advance(m)
-            engine.prefixes.hits += 1
-            engine.prefixes.reused_tokens += m
         self.reused = m
         pixels, grids = self.prompt.images_from(m)
         self.features = None if pixels is None else model.image_features(  # [image tokens after m, hidden]
             pixels.to(model.device, model.dtype), grids.to(model.device))
         self.features_used = 0
         self.logits: torch.Tensor | None = None
-        self.seconds = 0.0
+        self.seconds = time.perf_counter() - started  # spent prefilling (not in the decode steps between chunks)
 
     def run(self, budget: int | None) -> int:
         """Prefill the next `budget` prompt tokens (None: all the rest); -> how many were run."""
+        started = time.perf_counter()
         engine, prompt, device = self.engine, self.prompt, self.engine.model.device
         start, P = self.cache.length, len(prompt.ids)
         end = P if budget is None else min(P, start + budget)
@@ -535,7 +537,7 @@ class Filling:
                                          torch.arange(start, end, device=device)[None], None, self.cache)
         if end == P:
             self.logits = engine.lm.lm_head(hidden[:, -1]).float()
-        self.seconds = time.perf_counter() - self.started
+        self.seconds += time.perf_counter() - started
         return end - start
 
 

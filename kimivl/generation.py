@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from .cache import MLACache
+from .cache import MLACache, slots_for
 from .cuda_graphs import decoder_step, graphs_enabled
 from .errors import InputError
 from .model import default_position_ids
@@ -133,7 +133,8 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generat
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) at `tokens`: logits [..., V], tokens [...] -> [...] float32."""
-    logits = logits.float() / (temperature or 1.0)
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / (temperature or 1.0)  # the same values; no inf at tiny T
     return logits.gather(-1, tokens[..., None])[..., 0] - logits.logsumexp(-1)
 
 
@@ -181,7 +182,8 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
         step_fn = decoder_step(lm, B, T + cfg.max_new_tokens, model.device, model.dtype)
         cache = step_fn.cache
     else:
-        cache = MLACache(lm.config, B, T + cfg.max_new_tokens, device=model.device, dtype=model.dtype)
+        limit = T + cfg.max_new_tokens  # grown as tokens come: an answer that stops early never pays for the rest
+        cache = MLACache(lm.config, B, slots_for(T + 1, limit), device=model.device, dtype=model.dtype)
     positions = default_position_ids(input_ids, attention_mask)
     embeds = model.embed(input_ids, pixel_values, image_grid_hws, image_features)
     logits = lm.lm_head(lm.hidden_states(embeds, positions, attention_mask, cache)[:, -1]).float()  # [B, V]
@@ -203,6 +205,8 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
             logits = step_fn(token, next_pos, cache.length)
             cache.advance(1)
         else:  # the same step, eager, over the whole cache buffer (one block per row: no copy of it per layer)
+            if cache.length + 1 > cache.max_len:
+                cache = cache.resized(slots_for(cache.length + 1, limit))
             logits = lm.decode_step(token[:, None], next_pos, cache,
                                     torch.tensor([cache.length], device=input_ids.device))
             cache.advance(1)

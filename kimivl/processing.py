@@ -56,7 +56,9 @@ def load_image(image: Any, exif_orientation: bool = False, check_size=None) -> I
     if not is_array and not isinstance(image, (Image.Image, str, os.PathLike, bytes, bytearray)):
         raise InputError(f"cannot use {name} as an image: give a PIL image, a path, bytes or a uint8 array")
     try:
-        with _WARNINGS, warnings.catch_warnings():  # the warning filters are global: one thread at a time
+        # the size check (a warning made an error) is in open; the warning filters are global, so one thread at a
+        # time there, and the decoding (load) outside
+        with _WARNINGS, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if isinstance(image, Image.Image):
                 img = image
@@ -66,13 +68,13 @@ def load_image(image: Any, exif_orientation: bool = False, check_size=None) -> I
                 img = Image.open(io.BytesIO(image))
             else:
                 img = Image.fromarray(image.numpy() if isinstance(image, torch.Tensor) else image)
-            if check_size is not None:
-                check_size(*img.size)
-                if exif_orientation:  # a turn by 90 degrees swaps the sides
-                    check_size(img.height, img.width)
-            img.load()
-            if exif_orientation:
-                img = ImageOps.exif_transpose(img)
+        if check_size is not None:
+            check_size(*img.size)
+            if exif_orientation:  # a turn by 90 degrees swaps the sides
+                check_size(img.height, img.width)
+        img.load()
+        if exif_orientation:
+            img = ImageOps.exif_transpose(img)
     except InputError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:

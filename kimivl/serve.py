@@ -45,11 +45,13 @@ class APIError(Exception):
     """An error answered in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             500: "server_error"}
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
@@ -209,12 +211,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        responses[e.status] = responses.get(e.status, 0) + 1
-        return JSONResponse(e.body(), status_code=e.status)
+        if request.url.path == "/v1/chat/completions":
+            responses[e.status] = responses.get(e.status, 0) + 1
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):  # unknown paths, wrong methods: the same shape
-        return await api_error(request, APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}"))
+        return await api_error(request, APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                                                 headers=getattr(e, "headers", None)))
 
     def authorize(request: Request) -> None:
         given = request.headers.get("authorization", "").encode()
@@ -368,7 +372,7 @@ def render_metrics(engine: Engine, responses: dict[int, int]) -> str:
         lines.extend(f"kimivl_{name}{labels} {value:g}" for labels, value in samples)
 
     metric("requests_total", "counter", "Requests admitted into the batch (prefilled).", [("", c["requests"])])
-    metric("http_responses_total", "counter", "Chat completion responses by status code.",
+    metric("http_responses_total", "counter", "Chat completion responses (POST /v1/chat/completions) by status.",
            [(f'{{code="{code}"}}', n) for code, n in sorted(responses.items())])
     metric("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", [("", c["prompt_tokens"])])
     metric("prompt_tokens_reused_total", "counter", "Prompt tokens taken from the prefix cache.",

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from kimivl import InputError, KimiVLForConditionalGeneration, KimiVLProcessor, stream
+from kimivl import cache as cache_module
 from kimivl import engine as engine_module
 from kimivl.engine import Engine, Filling, PrefixCache, QueueFull, common_prefix
 
@@ -66,10 +67,11 @@ REQUESTS = [("Describe it.", (56, 56), 12), ("hello there", None, 9), ("What col
 def test_continuous_batch_equals_each_request_alone(loaded, monkeypatch):
     """Seven requests of different lengths and images through 3 rows: they queue, join the running batch between
     steps (each prefilled alone into a free row), leave when done (the last row moving into the freed one), and
-    the rows grow past their first 8 slots mid-run. Every answer's tokens, text and finish reason equal the request
+    the rows grow (and shrink) in blocks of 8 slots mid-run. Every answer's tokens, text and finish reason equal the request
     answered alone by `stream`."""
     model, processor = loaded
-    monkeypatch.setattr(engine_module, "MIN_SLOTS", 8)
+    monkeypatch.setattr(cache_module, "BLOCK", 8)
+    monkeypatch.setattr(engine_module, "BLOCK", 8)
     engine = Engine(model, processor, max_batch=3)
     expected, got, joined_mid_run = [], [], 0
     for k, (text, size, max_new) in enumerate(REQUESTS):
@@ -86,6 +88,7 @@ def test_continuous_batch_equals_each_request_alone(loaded, monkeypatch):
         assert seq.tokens[:len(seq.text.token_ids)] == seq.text.token_ids
         assert (seq.text.token_ids, deltas.get(seq, ""), seq.finish_reason) == (tokens, text, reason)
     assert engine.running == [] and engine.cache.max_len == 0  # idle: rows and memory given back
+    assert engine.counters["resized"] >= 2
 
 
 def test_n_choices_share_one_prefill_and_seeds_make_them_reproducible(loaded):
@@ -286,3 +289,42 @@ def test_the_engine_thread_finishes_a_prefill_left_half_done(loaded):
     finally:
         engine.stop()
     assert late.finish_reason in ("stop", "length")
+
+
+def test_queue_limit_counts_rows_taken_by_running_filling_and_waiting_requests(loaded):
+    model, processor = loaded
+    engine = Engine(model, processor, max_batch=3, max_queue=0, prefill_chunk=4)
+    short, long = engine.prepare(conversation("hi")), engine.prepare(conversation("a longer question " * 4))
+    engine.submit(short, engine.settings(max_new_tokens=30), ignore_eos=True)
+    engine.step()  # running: 1 row
+    engine.submit(long, engine.settings(max_new_tokens=2))
+    engine.step()  # the long prompt is half prefilled: its row is spoken for
+    engine.submit(short, engine.settings(max_new_tokens=2))  # the last free row
+    with pytest.raises(QueueFull, match="every batch row is taken and 0 requests"):
+        engine.submit(short, engine.settings(max_new_tokens=2))
+    with pytest.raises(QueueFull):
+        engine.submit(short, engine.settings(max_new_tokens=2), n=2)
+    run(engine)
+
+
+def test_rows_shrink_after_a_long_request_leaves(loaded):
+    """Decode steps attend over whole rows, so when the long sequence that stretched them leaves, the rows shrink
+    to what the remaining ones need (a quarter more, in blocks)."""
+    model, processor = loaded
+    engine = Engine(model, processor, max_batch=2)
+    [long_seq] = engine.submit(engine.prepare(conversation("tell me " * 200)), engine.settings(max_new_tokens=3),
+                               ignore_eos=True)
+    [short] = engine.submit(engine.prepare(conversation("hi")), engine.settings(temperature=0, max_new_tokens=30),
+                            ignore_eos=True)
+    engine.step()
+    stretched = engine.cache.max_len
+    while long_seq.finish_reason is None:
+        engine.step()
+    engine.step()
+    assert stretched > 512 and engine.cache.max_len <= 256 and short.finish_reason is None
+    run(engine)
+    solo = Engine(model, processor, max_batch=1)
+    [reference] = solo.submit(solo.prepare(conversation("hi")), solo.settings(temperature=0, max_new_tokens=30),
+                              ignore_eos=True)
+    run(solo)
+    assert short.tokens == reference.tokens and len(short.tokens) == 30

@@ -328,3 +328,25 @@ def test_bad_generation_input(loaded):
     right_padded = torch.tensor([[5, 6, 7, 0]]), torch.tensor([[1, 1, 1, 0]])
     with pytest.raises(InputError, match="left-padded"):
         model.generate(*right_padded, max_new_tokens=2)
+
+
+def test_generation_grows_its_cache_in_blocks_with_the_same_tokens(loaded, monkeypatch):
+    """On CPU the cache starts at the prompt plus a block and grows by a quarter as tokens come (decode steps
+    attend over the whole buffer, so an answer that stops early never pays for max_new_tokens): with 8-slot blocks
+    (many regrowths) a left-padded batch decodes the same tokens and log-probabilities as with one buffer."""
+    from kimivl import cache as cache_module
+
+    model, processor = loaded()
+    inputs = processor([image_conversation((56, 56), "Describe it."), [{"role": "user", "content": "hi"}]])
+    config = GenerationConfig(max_new_tokens=40)
+
+    def run():
+        logprobs = []
+        tokens = torch.stack(list(generate_tokens(model, **inputs, config=config, logprobs=logprobs)), 1)
+        return tokens, torch.stack(logprobs, 1)
+
+    tokens, logprobs = run()
+    monkeypatch.setattr(cache_module, "BLOCK", 8)
+    grown_tokens, grown_logprobs = run()
+    assert torch.equal(tokens, grown_tokens) and tokens.shape[1] == 40
+    assert (grown_logprobs - logprobs).abs().max() < 1e-5

@@ -212,6 +212,10 @@ def test_errors_in_the_openai_shape(client, server):
     assert e.value.code == 400 and "model must be given" in json.loads(e.value.read())["error"]["message"]
     with pytest.raises(openai.NotFoundError, match="GET /v1/nowhere: Not Found"):
         client.get("/nowhere", cast_to=object)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(f"{url}/chat/completions", method="GET"))
+    assert e.value.code == 405 and e.value.headers["allow"] == "POST"
+    assert json.loads(e.value.read())["error"]["type"] == "invalid_request_error"
     with pytest.raises(openai.APIStatusError, match="over 1 MiB") as e:  # a 1.5 MB image, over this server's 1 MiB
         client.chat.completions.create(model="tiny", messages=[image_message("hi", "data:image/png;base64," +
                                                                              "A" * 1_500_000)])

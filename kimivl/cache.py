@@ -58,23 +58,22 @@ class MLACache:
         self.k_pe[layer][rows, slot] = k_pe[:, 0]
         return self.latent[layer], self.k_pe[layer]
 
-    def rows(self, n: int, length: int) -> "MLACache":
-        """A view of the first n rows and `length` slots, sharing this cache's memory (writes land here too)."""
+    def rows(self, n: int) -> "MLACache":
+        """A view of the first n rows, whole, sharing this cache's memory (writes land here too)."""
         view = object.__new__(MLACache)
-        view.latent, view.k_pe = self.latent[:, :n, :length], self.k_pe[:, :n, :length]
-        view.valid, view.length = self.valid[:n, :length], min(self.length, length)
+        view.latent, view.k_pe, view.valid = self.latent[:, :n], self.k_pe[:, :n], self.valid[:n]
+        view.length = self.length
         return view
 
-    def resized(self, max_len: int, rows: int | None = None) -> "MLACache":
-        """A new cache of the first `rows` rows (default all) and max_len slots, holding what fits of this one."""
-        rows = self.valid.shape[0] if rows is None else rows
+    def resized(self, max_len: int) -> "MLACache":
+        """A new cache of max_len slots a row, holding what fits of this one."""
         new = MLACache.__new__(MLACache)
         keep = min(max_len, self.max_len)
-        new.latent = self.latent.new_zeros(self.latent.shape[0], rows, max_len, self.latent.shape[-1])
-        new.k_pe = self.k_pe.new_zeros(self.k_pe.shape[0], rows, max_len, self.k_pe.shape[-1])
-        new.valid = self.valid.new_zeros(rows, max_len)
-        new.latent[:, :, :keep], new.k_pe[:, :, :keep] = self.latent[:, :rows, :keep], self.k_pe[:, :rows, :keep]
-        new.valid[:, :keep] = self.valid[:rows, :keep]
+        new.latent = self.latent.new_zeros(*self.latent.shape[:2], max_len, self.latent.shape[-1])
+        new.k_pe = self.k_pe.new_zeros(*self.k_pe.shape[:2], max_len, self.k_pe.shape[-1])
+        new.valid = self.valid.new_zeros(self.valid.shape[0], max_len)
+        new.latent[:, :, :keep], new.k_pe[:, :, :keep] = self.latent[:, :, :keep], self.k_pe[:, :, :keep]
+        new.valid[:, :keep] = self.valid[:, :keep]
         new.length = min(self.length, max_len)
         return new
 

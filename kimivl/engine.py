@@ -27,7 +27,8 @@ import torch
 
 from .cache import BLOCK, MLACache, slots_for
 from .errors import InputError, KimiVLError
-from .generation import GenerationConfig, GenerationStats, RowText, checkpoint_settings, end_ids, sample
+from .generation import (GenerationConfig, GenerationStats, RowText, answer_stop_ids, check_context,
+                         checkpoint_settings, config_or_settings, sample)
 
 if TYPE_CHECKING:
     from .model import KimiVLForConditionalGeneration
@@ -127,7 +128,6 @@ class PrefixCache:
         self.entries: collections.OrderedDict[int, tuple[list[int], torch.Tensor, torch.Tensor]] = \
             collections.OrderedDict()
         self.nbytes, self._next = 0, 0
-        self.hits = self.reused_tokens = 0
 
     def match(self, key: list[int], limit: int) -> tuple[tuple[list[int], torch.Tensor, torch.Tensor] | None, int]:
         """(entry, m): the entry whose key shares the longest prefix with `key`, at most `limit` tokens."""
@@ -185,14 +185,10 @@ class Engine:
                  max_queue: int | None = None, prefix_cache_bytes: int = 1 << 30, prefill_chunk: int = 512):
         if max_batch < 1 or prefill_chunk < 1:
             raise InputError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
-        tok, cfg = processor.tokenizer, model.config.text_config
-        if tok.vocab_size > cfg.vocab_size:
-            raise InputError(f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
-                             f"{cfg.vocab_size}: they do not belong together")
         self.model, self.processor, self.lm = model, processor, model.language_model
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.stop_ids = sorted(set(tok.stop_ids) | set(cfg.eos_token_ids) | set(end_ids(model)))
-        self.context = cfg.max_position_embeddings
+        self.stop_ids = answer_stop_ids(model, processor)
+        self.context = model.config.text_config.max_position_embeddings
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.cache = self._new_cache(0)
         self.prefill_chunk = prefill_chunk
@@ -223,11 +219,7 @@ class Engine:
         config.validate()
         if not 1 <= n <= self.max_batch:
             raise InputError(f"n must be between 1 and the batch size {self.max_batch}, got {n}")
-        total = len(prompt.ids) + config.max_new_tokens
-        if total > self.context:
-            raise InputError(f"the prompt has {len(prompt.ids)} tokens and max_new_tokens is "
-                             f"{config.max_new_tokens}: together {total}, beyond the model's context of "
-                             f"{self.context} tokens")
+        check_context(len(prompt.ids), config.max_new_tokens, self.lm.config)
         stops = () if ignore_eos else self.stop_ids
         group = [Sequence(prompt, config, RowText(self.processor.tokenizer, stops, config.stop_strings), emit, i)
                  for i in range(n)]
@@ -275,11 +267,7 @@ class Engine:
                 with self._cond:
                     if not self.waiting or len(self.waiting[0]) > self.max_batch - len(self.running):
                         break
-                    group = self.waiting.popleft()
-                if all(s.cancelled for s in group):
-                    for s in group:
-                        self._finish(s, "cancelled")
-                    continue
+                    group = self.waiting.popleft()  # (cancel() has taken wholly cancelled ones out)
                 try:
                     self._filling = Filling(self, group[0].prompt, group)
                 except Exception as e:  # this request fails; the others go on
@@ -329,16 +317,20 @@ class Engine:
 
     def reset(self) -> None:
         """End every running and waiting sequence as cancelled and empty the batch (the prefix cache is kept)."""
-        with self._cond:
-            groups, self.waiting = list(self.waiting), collections.deque()
-        if self._filling is not None:
-            groups.append(self._filling.group)
-            self._filling = None
-        for s in [s for g in groups for s in g] + self.running:
+        for s in self._drain() + self.running:
             s.row = -1
             self._end(s, "cancelled", "")
         self.running = []
         self.cache = self._new_cache(0)
+
+    def _drain(self) -> list[Sequence]:
+        """Take every waiting sequence and the one being prefilled out of the engine."""
+        with self._cond:
+            taken, self.waiting = [s for g in self.waiting for s in g], collections.deque()
+        if self._filling is not None:
+            taken += self._filling.group
+            self._filling = None
+        return taken
 
     def _loop(self) -> None:
         while True:
@@ -350,12 +342,7 @@ class Engine:
             try:
                 self.step()
             except Exception as e:  # a bug must not leave every client waiting on a dead thread
-                with self._cond:
-                    waiting, self.waiting = [s for g in self.waiting for s in g], collections.deque()
-                if self._filling is not None:
-                    waiting += self._filling.group
-                    self._filling = None
-                self._fail(list(self.running) + waiting, e)
+                self._fail(list(self.running) + self._drain(), e)
 
     def stream(self, messages: Seq[dict], *, images: Seq[Any] | None = None,
                config: GenerationConfig | None = None, **settings: Any) -> "SequenceStream":
@@ -363,11 +350,10 @@ class Engine:
         `kimivl.generation.stream`, but the conversation's cached prefix (the earlier turns) is reused."""
         if self._thread is not None:
             raise InputError("the engine runs in its own thread: submit requests instead")
-        if config is not None and settings:
-            raise InputError(f"give either config or settings ({', '.join(settings)}), not both")
+        config = config_or_settings(self.model, config, settings)
         prompt = self.prepare(messages, images)
         deltas: collections.deque[str] = collections.deque()
-        seq = self.submit(prompt, config or self.settings(**settings), emit=lambda s, d: deltas.append(d))[0]
+        seq = self.submit(prompt, config, emit=lambda s, d: deltas.append(d))[0]
         return SequenceStream(self, seq, deltas)
 
     # ---- inside a step -----------------------------------------------------------------------------------------
@@ -399,8 +385,6 @@ class Engine:
             self.running.append(s)
         self.prefixes.put(prompt.key, latent, k_pe)
         self.counters.update(requests=1, prompt_tokens=P, reused_tokens=filling.reused)
-        self.prefixes.hits += filling.reused > 0
-        self.prefixes.reused_tokens += filling.reused
         for s, token in zip(group, self._sample(group, filling.logits.expand(len(group), -1))):
             self._push(s, token)
 
@@ -415,7 +399,7 @@ class Engine:
         # whole rows, not just the slots in use: each row's latents then stay one block, which the CPU's bfloat16
         # batched matmul needs not to copy the cache every layer (9x slower at 32 rows x 2k slots); kv_lens and
         # the valid mask hide the empty slots
-        view = self.cache.rows(len(rows), self.cache.max_len)
+        view = self.cache.rows(len(rows))
         logits = self.lm.decode_step(tokens, slots[:, None], view, slots)  # a token's position is its slot
         self.counters.update(steps=1, batch_rows=len(rows))
         new = self._sample(rows, logits)

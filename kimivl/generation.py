@@ -19,6 +19,7 @@ from .errors import InputError
 from .model import default_position_ids
 
 if TYPE_CHECKING:
+    from .config import TextConfig
     from .model import KimiVLForConditionalGeneration
     from .processing import KimiVLProcessor
 
@@ -118,8 +119,7 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generat
     the top_k tokens and to the smallest set of most likely tokens whose probability reaches top_p."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float()
-    logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature  # the same softmax; no inf at tiny T
+    logits = tempered(logits, cfg.temperature)
     if 0 < cfg.top_k < logits.shape[-1]:
         kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -131,10 +131,24 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generat
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
+def check_context(prompt_tokens: int, max_new_tokens: int, config: "TextConfig") -> None:
+    """Refuse a prompt that, with max_new_tokens more, would not fit the model's context."""
+    limit = config.max_position_embeddings
+    if prompt_tokens + max_new_tokens > limit:
+        raise InputError(f"the prompt has {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: together "
+                         f"{prompt_tokens + max_new_tokens}, beyond the model's context of {limit} tokens")
+
+
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(logits - max) / temperature in float32: the same softmax as logits / temperature, without overflowing to
+    inf (and NaN) at tiny temperatures."""
+    logits = logits.float()
+    return (logits - logits.amax(-1, keepdim=True)) / temperature
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) at `tokens`: logits [..., V], tokens [...] -> [...] float32."""
-    logits = logits.float()
-    logits = (logits - logits.amax(-1, keepdim=True)) / (temperature or 1.0)  # the same values; no inf at tiny T
+    logits = tempered(logits, temperature or 1.0)
     return logits.gather(-1, tokens[..., None])[..., 0] - logits.logsumexp(-1)
 
 
@@ -165,11 +179,7 @@ def generate_tokens(model: "KimiVLForConditionalGeneration", input_ids: torch.Te
     elif not (bool(attention_mask[:, -1].all()) and bool((attention_mask.diff(dim=-1) >= 0).all())):
         raise InputError("generation needs left-padded prompts: attention_mask must be 0s then 1s in every row "
                          "(the processor pads on the left)")
-    longest = int(attention_mask.sum(-1).max())
-    limit = model.config.text_config.max_position_embeddings
-    if longest + cfg.max_new_tokens > limit:
-        raise InputError(f"the prompt has {longest} tokens and max_new_tokens is {cfg.max_new_tokens}: together "
-                         f"{longest + cfg.max_new_tokens}, beyond the model's context of {limit} tokens")
+    check_context(int(attention_mask.sum(-1).max()), cfg.max_new_tokens, model.config.text_config)
     stats = stats if stats is not None else GenerationStats()
     generator = None
     if cfg.seed is not None:
@@ -344,17 +354,29 @@ def end_ids(model: "KimiVLForConditionalGeneration") -> list[int]:
     return gen.eos_token_ids if gen and gen.eos_token_ids else model.config.text_config.eos_token_ids
 
 
-def _setup(model: "KimiVLForConditionalGeneration", processor: "KimiVLProcessor", messages: Any, images: Any,
-           config: GenerationConfig | None, settings: dict) -> tuple[dict, GenerationConfig, list[int]]:
-    tok = processor.tokenizer
-    if tok.vocab_size > model.config.text_config.vocab_size:
+def answer_stop_ids(model: "KimiVLForConditionalGeneration", processor: "KimiVLProcessor") -> list[int]:
+    """The ids that end an answer: the tokenizer's (`<|im_end|>`, EOS), config.json's and generation_config.json's
+    EOS. Refuses a tokenizer with more ids than the model's vocabulary (they do not belong together)."""
+    tok, text = processor.tokenizer, model.config.text_config
+    if tok.vocab_size > text.vocab_size:
         raise InputError(f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
-                         f"{model.config.text_config.vocab_size}: they do not belong together")
+                         f"{text.vocab_size}: they do not belong together")
+    return sorted(set(tok.stop_ids) | set(text.eos_token_ids) | set(end_ids(model)))
+
+
+def config_or_settings(model: "KimiVLForConditionalGeneration", config: GenerationConfig | None,
+                       settings: dict) -> GenerationConfig:
+    """`config`, or one made from `settings` over the checkpoint's defaults; not both."""
     if config is not None and settings:
         raise InputError(f"give either config or settings ({', '.join(settings)}), not both")
-    cfg = config or checkpoint_settings(model, settings)
+    return config or checkpoint_settings(model, settings)
+
+
+def _setup(model: "KimiVLForConditionalGeneration", processor: "KimiVLProcessor", messages: Any, images: Any,
+           config: GenerationConfig | None, settings: dict) -> tuple[dict, GenerationConfig, list[int]]:
+    stop_ids = answer_stop_ids(model, processor)
+    cfg = config_or_settings(model, config, settings)
     inputs = processor(messages, images=images).to(model.device, dtype=model.dtype)
-    stop_ids = sorted(set(tok.stop_ids) | set(model.config.text_config.eos_token_ids) | set(end_ids(model)))
     return inputs, cfg, stop_ids
 
 

@@ -277,12 +277,15 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
             raise APIError(429, str(e), code="queue_full") from None
         except KimiVLError as e:
             raise APIError(400, str(e)) from None
-        responses[200] = responses.get(200, 0) + 1
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         choices = [Choice(s) for s in seqs]
-        usage = lambda: {"prompt_tokens": len(prompt.ids), "completion_tokens": sum(len(s.tokens) for s in seqs),
-                         "total_tokens": len(prompt.ids) + sum(len(s.tokens) for s in seqs)}
+        def usage() -> dict:
+            completion = sum(len(s.tokens) for s in seqs)
+            return {"prompt_tokens": len(prompt.ids), "completion_tokens": completion,
+                    "total_tokens": len(prompt.ids) + completion}
+
         if stream:
+            responses[200] = responses.get(200, 0) + 1
             return StreamingResponse(sse(head, choices, queue, usage, include_usage, engine),
                                      media_type="text/event-stream")
         try:
@@ -303,6 +306,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         failed = next((s.error for s in seqs if s.error is not None), None)
         if failed is not None:
             raise APIError(500, f"generation failed: {failed}")
+        responses[200] = responses.get(200, 0) + 1
         return {**head, "object": "chat.completion", "usage": usage(), "choices": [
             {"index": c.seq.index, "finish_reason": c.seq.finish_reason, "logprobs": None,
              "message": {"role": "assistant", "content": c.content,

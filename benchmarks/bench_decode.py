@@ -4,7 +4,8 @@
 
 The model: A3B's decoder widths (hidden 2048, 16 heads, kv_lora_rank 512, 64 routed experts top-6 plus the shared
 ones, the 163,840-token vocabulary) with its first --layers layers (one dense, the rest MoE), random weights, float32
-(or --dtype bfloat16, on a CPU with fast bfloat16: kimivl alone).
+(or --dtype bfloat16, on a CPU with fast bfloat16: kimivl with its weights prepacked for oneDNN, as the CLI runs it,
+against `kimivl-plain`, the same without prepacking; transformers is not run).
 It is written once as an official checkpoint under --work and exported with `weights_tools export-text`, so kimivl
 and transformers' DeepseekV3ForCausalLM run the same weights, each in a fresh process of its own (never both in
 memory).
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 from kimivl import KimiVLConfig, MLACache, TextConfig, VisionConfig
+from kimivl.kernels.quant import cpu_bf16_fast
 from kimivl.model import KimiVLForConditionalGeneration, init_weights
 from limits import Machine, best_times, describe
 
@@ -86,12 +88,15 @@ def write_model(work: Path, layers: int) -> tuple[Path, Path]:
 
 
 def load_peak(path: Path, library: str, dtype: str = "float32") -> tuple[float, float]:
-    """(seconds, peak RSS above the imports / weight bytes) of loading `path` in a fresh process."""
-    module, name, kwargs = (("kimivl", "KimiVLForConditionalGeneration", f", dtype=torch.{dtype}") if library == "kimivl"
-                            else ("transformers", "DeepseekV3ForCausalLM", ", dtype=torch.float32"))
+    """(seconds, peak RSS above the imports / weight bytes) of loading `path` in a fresh process (for "kimivl",
+    prepacking included, as the CLI does)."""
+    module, name, kwargs = (("kimivl", "KimiVLForConditionalGeneration", f", dtype=torch.{dtype}")
+                            if library.startswith("kimivl") else
+                            ("transformers", "DeepseekV3ForCausalLM", ", dtype=torch.float32"))
+    then = ".prepack()" if library == "kimivl" else ""
     code = (f"import resource, sys, time, torch; from {module} import {name} as M; "
             "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024; imports = peak(); "
-            f"t0 = time.perf_counter(); M.from_pretrained(sys.argv[1]{kwargs}); "
+            f"t0 = time.perf_counter(); M.from_pretrained(sys.argv[1]{kwargs}){then}; "
             "print(time.perf_counter() - t0, peak() - imports)")
     seconds, above = map(float, subprocess.run([sys.executable, "-c", code, str(path)], check=True, text=True,
                                                capture_output=True).stdout.split())
@@ -144,8 +149,11 @@ def prefill_flops(lm, cfg: TextConfig, T: int) -> float:
 class Ours:
     name = "kimivl"
 
-    def __init__(self, ckpt: Path, dtype: torch.dtype = torch.float32):
-        self.lm = KimiVLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype).language_model
+    def __init__(self, ckpt: Path, dtype: torch.dtype = torch.float32, prepack: bool = True):
+        model = KimiVLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype)
+        if prepack:  # as the CLI's generate, chat, eval and serve do (bfloat16 on an AVX-512 CPU)
+            model.prepack()
+        self.lm = model.language_model
         self.cfg, self.dtype = self.lm.config, dtype
 
     @torch.no_grad()
@@ -250,9 +258,10 @@ def run_contender(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     dtype = getattr(torch, args.dtype)
     machine = Machine(device, dtype, [(512, 2048, 3072), (2048, 2048, 1408)])
-    contender = Ours(ckpt, dtype) if args.contender == "kimivl" else Transformers(hf)
+    contender = (Transformers(hf) if args.contender == "transformers" else
+                 Ours(ckpt, dtype, prepack=args.contender == "kimivl"))
     grid = [(b, c) for b in args.batches for c in args.contexts]
-    prefill = args.prefill if args.contender == "kimivl" else [T for T in args.prefill if T <= HF_PREFILL_MAX]
+    prefill = args.prefill if args.contender != "transformers" else [T for T in args.prefill if T <= HF_PREFILL_MAX]
     measure(contender, grid, prefill, args.repeats, machine, device,
             lambda rows: args.rows.write_text(json.dumps({key_name(k): v for k, v in rows.items()})))
 
@@ -272,7 +281,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--reuse", action="store_true", help="print the table from the rows an earlier run left in "
                         "--work instead of measuring again (load figures are measured anew)")
-    parser.add_argument("--contender", choices=["kimivl", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--contender", choices=["kimivl", "kimivl-plain", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -291,9 +300,11 @@ def main() -> None:
           f"'—': not measured, transformers' per-head keys and values (expanded each step) over "
           f"{EXPAND_BUDGET / 2 ** 30:.0f} GiB a layer, or its prefill past {HF_PREFILL_MAX} tokens\n")
     names = ["kimivl"] + ([] if args.skip_transformers or args.dtype != "float32" else ["transformers"])
+    if args.dtype == "bfloat16" and cpu_bf16_fast():  # the baseline of prepacking, in the same run
+        names.append("kimivl-plain")
     results, loads = {}, {}
     for n in names:  # each in a fresh process: the two models never share this machine's memory
-        loads[n] = load_peak(ckpt if n == "kimivl" else hf, n, args.dtype)
+        loads[n] = load_peak(hf if n == "transformers" else ckpt, n, args.dtype)
         rows = args.work / f"rows-{n}{'' if args.dtype == 'float32' else '-' + args.dtype}.json"
         cmd = [sys.executable, __file__, "--contender", n, "--rows", str(rows), "--work", str(args.work),
                "--dtype", args.dtype,

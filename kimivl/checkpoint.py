@@ -586,6 +586,8 @@ def save(model, path: str | os.PathLike, max_shard_size: int | str = "5GB",
     if getattr(model, "quantization", None) is not None:
         raise InputError(f"this model was loaded quantized ({model.quantization}) and is not saved as such; write a "
                          "quantized checkpoint from its float original with `kimivl-weights quantize`")
+    from .prepack import refuse_prepacked
+    refuse_prepacked(model, "saving")
     path, max_bytes = Path(path), parse_size(max_shard_size)
     if path.is_symlink():
         path = path.resolve()

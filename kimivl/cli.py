@@ -164,6 +164,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace):
     from .generation import CheckpointGeneration, GenerationConfig
     from .model import KimiVLForConditionalGeneration
+    from .prepack import prepack_for_inference
     from .processing import KimiVLProcessor
 
     if not Path(args.model).is_dir():
@@ -177,6 +178,7 @@ def _load(args: argparse.Namespace):
     processor = KimiVLProcessor.from_pretrained(args.model)
     model = KimiVLForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype, device=args.device,
                                                            quantize=args.quantize, group_size=args.group_size)
+    prepack_for_inference(model)
     if checkpoint and not given:
         print(f"[sampling as the checkpoint's generation_config.json says: {checkpoint.describe()}; --temperature 0 "
               "for greedy]", file=sys.stderr)

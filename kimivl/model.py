@@ -51,6 +51,7 @@ class KimiVLForConditionalGeneration(nn.Module):
         self.language_model = DeepseekV3ForCausalLM(config.text_config)
         self.generation_config: CheckpointGeneration | None = None  # the checkpoint's generation_config.json
         self.quantization = None  # the kimivl.quant.Scheme the decoder was loaded with, or None (float)
+        self.prepacked = False  # decoder weights in oneDNN's layout for CPU inference (kimivl.prepack)
 
     @property
     def device(self) -> torch.device:
@@ -147,6 +148,17 @@ class KimiVLForConditionalGeneration(nn.Module):
         (int4 in groups of group_size, default 128) quantizes the decoder weights while reading them."""
         from .checkpoint import load
         return load(path, dtype=dtype, device=device, progress=progress, quantize=quantize, group_size=group_size)
+
+    def prepack(self) -> bool:
+        """bfloat16 on CPU: hold the decoder's weights in oneDNN's blocked layout, for faster inference (see
+        `kimivl.prepack`); returns whether it did (False for another dtype or device, or a CPU without AVX-512)."""
+        from .prepack import prepack
+        return prepack(self)
+
+    def unprepack(self) -> "KimiVLForConditionalGeneration":
+        """Undo `prepack` exactly (needed before training or saving)."""
+        from .prepack import unprepack
+        return unprepack(self)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
         """Write the official layout: config.json, safetensors shard(s) and an index when sharded."""

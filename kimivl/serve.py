@@ -420,6 +420,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: 
           group_size: int | None = None, max_request_mb: int = 64, prefill_chunk: int = 512) -> None:
     """Load the checkpoint and serve it until interrupted."""
     from .model import KimiVLForConditionalGeneration
+    from .prepack import prepack_for_inference
     from .processing import KimiVLProcessor
 
     if not Path(model_dir).is_dir():
@@ -429,6 +430,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: 
     processor = KimiVLProcessor.from_pretrained(model_dir)
     model = KimiVLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device=device, quantize=quantize,
                                                            group_size=group_size)
+    prepack_for_inference(model)
     engine = Engine(model, processor, max_batch=max_batch, max_queue=max_queue,
                     prefix_cache_bytes=prefix_cache_mb << 20, prefill_chunk=prefill_chunk)
     name = served_model_name or Path(model_dir).resolve().name

@@ -110,9 +110,11 @@ class ModelPredictor:
     def model(self):
         if self._model is None:
             from ..model import KimiVLForConditionalGeneration
+            from ..prepack import prepack_for_inference
             self._model = KimiVLForConditionalGeneration.from_pretrained(
                 self.path, dtype=self.dtype, device=self.device, progress=self.progress, quantize=self.quantize,
                 group_size=self.group_size)
+            prepack_for_inference(self._model)
         return self._model
 
     def conversation(self, sample: Sample) -> list[dict]:

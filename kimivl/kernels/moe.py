@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import backend_for
-from .linear import linear
+from .linear import linear, prepacked_linear
 from .quant import QuantWeight, quant_matmul
 
 
@@ -29,6 +29,8 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
     """
     if ids.numel() == 0:  # no tokens
         return x.new_zeros(x.shape)
+    if isinstance(gate_up_proj, PrepackedStack):
+        return moe_experts_grouped(x, ids, weights, gate_up_proj, down_proj)
     if isinstance(gate_up_proj, QuantWeight):
         if gate_up_proj.layout == "canonical" and backend_for(x, weights, gate_up_proj.scale) == "triton":
             from .triton_moe import moe_experts_triton
@@ -38,6 +40,15 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
         from .triton_moe import moe_experts_triton
         return moe_experts_triton(x, ids, weights, gate_up_proj, down_proj)
     return moe_experts_grouped(x, ids, weights, gate_up_proj, down_proj)
+
+
+class PrepackedStack(tuple):
+    """A stack of expert weights [E, N, K] held as one prepacked oneDNN tensor per expert (`linear.prepack_weight`;
+    `kimivl.prepack`): what `moe_experts` takes in place of a stacked tensor on CPU, bfloat16, for inference."""
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self), *self[0].shape))
 
 
 def moe_experts_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor,
@@ -83,7 +94,11 @@ def grouped_linear(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, ends
 
     Inference in float32 on CPU loops over the experts that got rows with `kernels.linear`: torch's CPU grouped_mm
     multiplies as x @ w^T, the slow form there (one A3B MoE layer, 32 decode rows: 493 against 294 ms; 512 prefill
-    tokens: 1,379 against 1,196; one row: the same). Quantized w (`QuantWeight`): `quant_matmul` per used expert."""
+    tokens: 1,379 against 1,196; one row: the same). Quantized w (`QuantWeight`): `quant_matmul` per used expert;
+    prepacked w (`PrepackedStack`): oneDNN's product per used expert."""
+    if isinstance(w, PrepackedStack):
+        parts = [prepacked_linear(xe, w[e]) for e, xe in enumerate(xs.split(counts.tolist())) if xe.shape[0]]
+        return torch.cat(parts) if parts else xs.new_empty(0, w.shape[1])
     if isinstance(w, QuantWeight):
         parts = [quant_matmul(xe, w[e]) for e, xe in enumerate(xs.split(counts.tolist())) if xe.shape[0]]
         return torch.cat(parts) if parts else xs.new_empty(0, w.shape[1])

@@ -20,6 +20,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InputError, TrainingError
+from ..prepack import refuse_prepacked
 from . import parallel
 from .lora import apply_lora, is_lora_parameter, merged_state_dict
 
@@ -138,6 +139,7 @@ def prepare(model: torch.nn.Module, config: TrainConfig) -> list[torch.nn.Parame
     if getattr(model, "quantization", None) is not None:
         raise InputError(f"the model was loaded quantized ({model.quantization}): finetune its float checkpoint "
                          "(training over a frozen quantized base, QLoRA, is not supported yet)")
+    refuse_prepacked(model, "training")
     if config.lora_rank:
         apply_lora(model, tuple(config.lora_targets), config.lora_rank, config.lora_alpha, config.lora_dropout)
     frozen = tuple(PARTS[p] + "." for p in config.freeze)

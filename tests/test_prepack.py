@@ -1,0 +1,127 @@
+"""Prepacked bfloat16 weights for CPU inference (kimivl.prepack): products against a float32 reference, the model's
+logits and greedy tokens against the plain layout, an exact round trip, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kimivl import InputError, KimiVLForConditionalGeneration, KimiVLProcessor, generate
+from kimivl.kernels import quant as K
+from kimivl.kernels.linear import Linear, linear, prepack_weight
+from kimivl.kernels.moe import PrepackedStack, moe_experts, moe_experts_reference
+from kimivl.prepack import PrepackedExperts, can_prepack, prepack_for_inference
+from kimivl.train import SFTConfig
+from kimivl.train.run import prepare
+
+needs_onednn_bf16 = pytest.mark.skipif(not K.cpu_bf16_fast(), reason="oneDNN's bfloat16 kernels need an AVX-512 CPU")
+
+
+def within_bf16(y: torch.Tensor, ref: torch.Tensor, k: int) -> bool:
+    """y (bfloat16 products over k terms of bfloat16 inputs, accumulated in float32 and rounded once) against the
+    float32 reference: within half a bfloat16 step of the result (at most 2^-8 of it) plus float32 summation error."""
+    return bool(((y.float() - ref).abs() <= 2 ** -8 * ref.abs() + k * 2 ** -23 * ref.abs().max() + 1e-30).all())
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_prepacked_linear_matches_float32_reference(rows):
+    w = (torch.randn(300, 96) * 0.05).bfloat16()
+    bias = torch.randn(300).bfloat16()
+    x = torch.randn(2, rows, 96).bfloat16()
+    packed = prepack_weight(w)
+    assert packed.is_mkldnn and packed.shape == w.shape and torch.equal(packed.to_dense(), w)
+    ref = x.float() @ w.float().T
+    assert within_bf16(linear(x, packed), ref, 96)
+    y = linear(x, packed, bias)
+    assert y.shape == (2, rows, 300) and within_bf16(y, ref + bias.float(), 96 + 1)  # the bias added before rounding
+    # the plain layout's product in the same dtype (oneDNN too, through F.linear): the same numbers
+    assert (linear(x, packed) - F.linear(x, w)).abs().max() <= 2 ** -8 * ref.abs().max()
+
+
+@needs_onednn_bf16
+def test_prepacked_experts_match_reference():
+    E, H, I, T, k = 6, 64, 40, 9, 2
+    gate_up = (torch.randn(E, 2 * I, H) * 0.05).bfloat16()
+    down = (torch.randn(E, H, I) * 0.05).bfloat16()
+    x = torch.randn(T, H).bfloat16()
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    ids[:, 0] = torch.where(ids[:, 1] == 0, 1, 0)  # expert 0 gets most tokens, some experts none
+    weights = torch.rand(T, k)
+    stack = lambda w: PrepackedStack(prepack_weight(w[e]) for e in range(E))  # noqa: E731
+    assert stack(gate_up).shape == gate_up.shape
+    with torch.no_grad():
+        got = moe_experts(x, ids, weights, stack(gate_up), stack(down))
+        ref = moe_experts_reference(x, ids, weights, gate_up, down)
+        ref32 = moe_experts_reference(x.float(), ids, weights, gate_up.float(), down.float())
+    assert got.dtype == torch.bfloat16
+    # the same bfloat16 roundings as the reference's (between the GEMMs, at the end): equal up to one step
+    assert (got.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
+    assert (got.float() - ref32).abs().max() <= 2 ** -6 * ref32.abs().max()
+
+
+@pytest.fixture
+def bf16_model(tiny_checkpoint):
+    path = tiny_checkpoint("tiny")
+    return (KimiVLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval(),
+            KimiVLProcessor.from_pretrained(path))
+
+
+@needs_onednn_bf16
+def test_prepacked_model_decodes_like_the_plain_one(bf16_model, report):
+    model, processor = bf16_model
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Tell me something"}]}]
+    inputs = processor(conv)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    tokens = generate(model, processor, conv, max_new_tokens=12, temperature=0.0)
+
+    assert model.prepack() and model.prepacked and not can_prepack(model)
+    lm = model.language_model
+    packed = [n for n, p in lm.named_parameters() if p.is_mkldnn] + [n for n, b in lm.named_buffers() if b.is_mkldnn]
+    linears = [n for n, m in lm.named_modules() if isinstance(m, Linear) and not n.endswith("kv_b_proj")]
+    n_experts = sum(isinstance(m, PrepackedExperts) for m in lm.modules())
+    assert n_experts == sum(lm.config.is_moe_layer(i) for i in range(lm.config.num_hidden_layers)) > 0
+    assert len(packed) == len(linears) + n_experts * 2 * lm.config.n_routed_experts
+    assert not lm.model.layers[0].self_attn.kv_b_proj.weight.is_mkldnn  # the absorbed decode reads it plainly
+    with torch.no_grad():
+        logits_packed = model(**inputs).logits
+    diff = (logits_packed - logits).abs().max().item()
+    report("prefill logits, prepacked vs plain bfloat16, max abs diff", f"{diff:.2e}")
+    assert diff <= 2 ** -7 * logits.abs().max().item()
+    assert generate(model, processor, conv, max_new_tokens=12, temperature=0.0) == tokens
+
+    model.unprepack()
+    assert not model.prepacked
+    back = model.state_dict()
+    assert back.keys() == plain.keys() and all(torch.equal(back[k], plain[k]) for k in plain)
+    assert all(p.requires_grad for p in model.parameters() if p.dim() == 3)  # experts trainable again
+
+
+@needs_onednn_bf16
+def test_prepacked_model_refuses_training_saving_and_gradients(bf16_model, tmp_path):
+    model, _ = bf16_model
+    model.prepack()
+    with pytest.raises(InputError, match="unprepack"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match="unprepack"):
+        prepare(model, SFTConfig(steps=1, out=str(tmp_path / "run")))
+    x = torch.randn(1, 2, model.config.text_config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(InputError, match="unprepack"):
+        model.language_model.lm_head(x)
+
+
+def test_prepack_leaves_other_models_alone(bf16_model, tiny_checkpoint, monkeypatch):
+    f32 = KimiVLForConditionalGeneration.from_pretrained(tiny_checkpoint("tiny"))
+    before = {k: v.clone() for k, v in f32.state_dict().items()}
+    assert not f32.prepack() and not f32.prepacked
+    assert all(torch.equal(v, before[k]) for k, v in f32.state_dict().items())
+    model, _ = bf16_model
+    monkeypatch.setenv("KIMIVL_PREPACK", "0")
+    assert not prepack_for_inference(model) and not model.prepacked
+    monkeypatch.delenv("KIMIVL_PREPACK")
+    monkeypatch.setattr("kimivl.prepack.cpu_bf16_fast", lambda: False)  # an AVX2 CPU
+    assert not prepack_for_inference(model) and not model.prepacked

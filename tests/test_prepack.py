@@ -11,6 +11,7 @@ from kimivl import InputError, KimiVLForConditionalGeneration, KimiVLProcessor, 
 from kimivl.kernels import quant as K
 from kimivl.kernels.linear import Linear, linear, prepack_weight
 from kimivl.kernels.moe import PrepackedStack, moe_experts, moe_experts_reference
+from kimivl.model import default_position_ids
 from kimivl.prepack import PrepackedExperts, can_prepack, prepack_for_inference
 from kimivl.train import SFTConfig
 from kimivl.train.run import prepare
@@ -101,7 +102,7 @@ def test_prepacked_model_decodes_like_the_plain_one(bf16_model, report):
 
 
 @needs_onednn_bf16
-def test_prepacked_model_refuses_training_saving_and_gradients(bf16_model, tmp_path):
+def test_prepacked_model_refuses_training_and_saving(bf16_model, tmp_path):
     model, _ = bf16_model
     model.prepack()
     with pytest.raises(InputError, match="unprepack"):
@@ -109,9 +110,27 @@ def test_prepacked_model_refuses_training_saving_and_gradients(bf16_model, tmp_p
     assert not (tmp_path / "out").exists()
     with pytest.raises(InputError, match="unprepack"):
         prepare(model, SFTConfig(steps=1, out=str(tmp_path / "run")))
-    x = torch.randn(1, 2, model.config.text_config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    with pytest.raises(InputError, match="unprepack"):
-        model.language_model.lm_head(x)
+
+
+@needs_onednn_bf16
+def test_prepacked_model_still_gives_input_gradients(bf16_model):
+    """Outside no_grad (a forward anyone may run), the products stay differentiable in their input: the oneDNN op has
+    no backward, so such calls unpack the weight; the weights themselves take no gradient."""
+    model, processor = bf16_model
+    inputs = processor([{"role": "user", "content": [{"type": "text", "text": "Hi there"}]}])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    embeds = model.language_model.model.embed_tokens(ids).detach().requires_grad_()
+
+    def grad_of_embeds():
+        embeds.grad = None
+        model.language_model(embeds, default_position_ids(ids, mask), mask)[0, -1].logsumexp(-1).backward()
+        return embeds.grad.clone()
+
+    plain = grad_of_embeds()
+    model.prepack()
+    packed = grad_of_embeds()
+    assert torch.equal(packed, plain)
+    assert all(p.grad is None for p in model.parameters() if p.is_mkldnn)
 
 
 def test_prepack_leaves_other_models_alone(bf16_model, tiny_checkpoint, monkeypatch):

@@ -228,7 +228,7 @@ def measure(contender, decode_grid, prefill_lengths, repeats: int, machine: Mach
             rows[("decode", batch, context)] = None
             continue
         step = contender.decoder(batch, context, repeats + 2)
-        with PeakRSS() as peak:
+        with PeakRSS() as peak, torch.no_grad():  # as generation runs
             times = best_times({"step": step, **machine.probes()}, repeats, device)
         rows[("decode", batch, context)] = dict(s=times["step"], bw=machine.bandwidth(times),
                                                 mm=machine.matmul_rate(times), peak=peak.peak)
@@ -239,7 +239,7 @@ def measure(contender, decode_grid, prefill_lengths, repeats: int, machine: Mach
         run = contender.prefill(T)
         gc.collect()
         base = rss()
-        with PeakRSS() as peak:
+        with PeakRSS() as peak, torch.no_grad():
             times = best_times({"run": run, **machine.probes()}, max(1, repeats // 2), device)
         rows[("prefill", 1, T)] = dict(s=times["run"], mm=machine.matmul_rate(times), peak=peak.peak - base)
         save(rows)

@@ -8,8 +8,8 @@ routed expert (one tensor per expert, `kernels.moe.PrepackedStack`). What it lea
 vision tower and projector (run once per image), quantized modules.
 
 A prepacked model computes the same products (oneDNN multiplies both layouts; tests hold the logits and greedy tokens
-to the plain model's), but its weights are opaque oneDNN tensors: it is for inference only. Training and
-`save_pretrained` refuse it; `unprepack(model)` gives every weight back bit for bit. The CLI's generate, chat, eval
+to the plain model's), but its weights are opaque oneDNN tensors: it is for inference only. Its parameters ask for no
+gradient, training and `save_pretrained` refuse it; `unprepack(model)` gives every weight and flag back bit for bit. The CLI's generate, chat, eval
 and serve prepack a bfloat16 model on CPU by themselves (`prepack_for_inference`; KIMIVL_PREPACK=0 turns it off).
 """
 
@@ -69,17 +69,19 @@ class PrepackedExperts(nn.Module):
         return experts
 
 
-def _targets(model: nn.Module):
-    """(parent module, attribute name, module) of every decoder linear layer and expert stack that prepacking
-    covers."""
+def _targets(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent module, attribute name) of every decoder linear layer and expert stack that prepacking covers. Names,
+    not the modules: a list holding the modules would keep each replaced weight alive until the end."""
     lm = model.language_model
     tied = lm.lm_head.weight is lm.model.embed_tokens.weight
+    targets = []
     for name, module in lm.named_modules():
         if name.endswith("kv_b_proj") or (tied and name == "lm_head"):
             continue
         if isinstance(module, (Linear, Experts, PrepackedExperts)):
             parent, _, attr = name.rpartition(".")
-            yield lm.get_submodule(parent) if parent else lm, attr, module
+            targets.append((lm.get_submodule(parent) if parent else lm, attr))
+    return targets
 
 
 @torch.no_grad()
@@ -88,11 +90,17 @@ def prepack(model: nn.Module) -> bool:
     it did. Memory stays the same: each weight is replaced by its reordered copy, one at a time."""
     if not can_prepack(model):
         return False
-    for parent, attr, module in list(_targets(model)):
+    # an inference model: no parameter asks for a gradient, so a forward run outside no_grad builds no graph (and
+    # never unpacks a weight for it); unprepack gives the flags back
+    model.trainable_before_prepack = {name for name, p in model.named_parameters() if p.requires_grad}
+    model.requires_grad_(False)
+    for parent, attr in _targets(model):
+        module = getattr(parent, attr)
         if isinstance(module, Experts):
             setattr(parent, attr, PrepackedExperts(module))
         elif module.weight.dtype == torch.bfloat16:
             module.weight = nn.Parameter(prepack_weight(module.weight), requires_grad=False)
+        del module
     model.prepacked = True
     return True
 
@@ -100,12 +108,18 @@ def prepack(model: nn.Module) -> bool:
 @torch.no_grad()
 def unprepack(model: nn.Module) -> nn.Module:
     """Undo `prepack`: every weight back in its plain layout, exactly as before (trainable, savable)."""
-    for parent, attr, module in list(_targets(model)):
+    for parent, attr in _targets(model):
+        module = getattr(parent, attr)
         if isinstance(module, PrepackedExperts):
             setattr(parent, attr, module.dense())
         elif isinstance(module, Linear) and module.weight.is_mkldnn:
             module.weight = nn.Parameter(module.weight.to_dense())
-    model.prepacked = False
+        del module
+    trainable = getattr(model, "trainable_before_prepack", None)
+    if trainable is not None:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in trainable)
+    model.prepacked, model.trainable_before_prepack = False, None
     return model
 
 

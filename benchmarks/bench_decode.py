@@ -4,8 +4,8 @@
 
 The model: A3B's decoder widths (hidden 2048, 16 heads, kv_lora_rank 512, 64 routed experts top-6 plus the shared
 ones, the 163,840-token vocabulary) with its first --layers layers (one dense, the rest MoE), random weights, float32
-(or --dtype bfloat16, on a CPU with fast bfloat16: kimivl with its weights prepacked for oneDNN, as the CLI runs it,
-against `kimivl-plain`, the same without prepacking; transformers is not run).
+(or --dtype bfloat16, on a CPU with fast bfloat16; transformers is then not run). `kimivl` runs with its weights
+prepacked for oneDNN (`kimivl.prepack`, as the CLI runs it), `kimivl-plain` without, in the same run.
 It is written once as an official checkpoint under --work and exported with `weights_tools export-text`, so kimivl
 and transformers' DeepseekV3ForCausalLM run the same weights, each in a fresh process of its own (never both in
 memory).
@@ -300,7 +300,7 @@ def main() -> None:
           f"'—': not measured, transformers' per-head keys and values (expanded each step) over "
           f"{EXPAND_BUDGET / 2 ** 30:.0f} GiB a layer, or its prefill past {HF_PREFILL_MAX} tokens\n")
     names = ["kimivl"] + ([] if args.skip_transformers or args.dtype != "float32" else ["transformers"])
-    if args.dtype == "bfloat16" and cpu_bf16_fast():  # the baseline of prepacking, in the same run
+    if args.dtype == "float32" or cpu_bf16_fast():  # the baseline of prepacking, in the same run
         names.append("kimivl-plain")
     results, loads = {}, {}
     for n in names:  # each in a fresh process: the two models never share this machine's memory

@@ -1,16 +1,18 @@
-"""bfloat16 decoder weights prepacked in oneDNN's blocked layout, for inference on CPU.
+"""Decoder weights prepacked in oneDNN's blocked layout, for inference on CPU (float32, or bfloat16 on a CPU whose
+oneDNN runs it: AVX-512).
 
-torch's own CPU bfloat16 products read a row-major weight at 14-20 GB/s for few rows; oneDNN, given the weight
-reordered once into its blocked layout, reads it at 25-35 GB/s (2-thread AVX512-BF16 EPYC). `prepack(model)` reorders,
-in place and at no extra memory, every decoder linear weight (attention projections except `kv_b_proj`, which the
-absorbed decode multiplies by directly; dense and shared MLPs; `lm_head` unless tied to the embedding) and every
-routed expert (one tensor per expert, `kernels.moe.PrepackedStack`). What it leaves: embeddings, routers, norms, the
-vision tower and projector (run once per image), quantized modules.
+For the few rows a decode step multiplies, torch's own CPU products read a row-major weight well under the memory's
+rate; oneDNN, given the weight reordered once into its blocked layout, reads it much faster (`kernels.linear.
+prepack_weight` has the figures). `prepack(model)` reorders, in place, every decoder linear weight (attention
+projections except `kv_b_proj`, which the absorbed decode multiplies by directly; dense and shared MLPs; `lm_head`
+unless tied to the embedding) and every routed expert (one tensor per expert, `kernels.moe.PrepackedStack`). What it
+leaves: embeddings, routers, norms, the vision tower and projector (run once per image). Memory: the same, plus one
+MoE layer's experts while that layer is reordered; time: about 1 GB/s of weights on 2 threads.
 
-A prepacked model computes the same products (oneDNN multiplies both layouts; tests hold the logits and greedy tokens
-to the plain model's), but its weights are opaque oneDNN tensors: it is for inference only. Its parameters ask for no
+A prepacked model computes the same products, summed in another order (bfloat16: oneDNN multiplies both layouts, the
+same numbers; float32: within 1e-5; tests hold logits and greedy tokens to the plain model's), but its weights are opaque oneDNN tensors: it is for inference only. Its parameters ask for no
 gradient, training and `save_pretrained` refuse it; `unprepack(model)` gives every weight and flag back bit for bit. The CLI's generate, chat, eval
-and serve prepack a bfloat16 model on CPU by themselves (`prepack_for_inference`; KIMIVL_PREPACK=0 turns it off).
+and serve prepack a CPU model by themselves (`prepack_for_inference`; KIMIVL_PREPACK=0 turns it off).
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ ENV = "KIMIVL_PREPACK"
 
 
 def can_prepack(model: nn.Module) -> bool:
-    """The model's decoder is bfloat16 on CPU, oneDNN runs bfloat16 here (an AVX-512 CPU), and it is not prepacked
-    already."""
+    """The model's float decoder is on CPU in float32, or in bfloat16 where oneDNN runs bfloat16 (an AVX-512 CPU),
+    torch has oneDNN, and the model is neither quantized nor prepacked already."""
     lm = model.language_model
-    return (not getattr(model, "prepacked", False) and lm.model.norm.weight.device.type == "cpu"
-            and lm.model.norm.weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and cpu_bf16_fast())
+    dtype = lm.model.norm.weight.dtype
+    return (not getattr(model, "prepacked", False) and getattr(model, "quantization", None) is None
+            and lm.model.norm.weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and (dtype == torch.float32 or dtype == torch.bfloat16 and cpu_bf16_fast()))
 
 
 class PrepackedExperts(nn.Module):
@@ -98,7 +101,7 @@ def prepack(model: nn.Module) -> bool:
         module = getattr(parent, attr)
         if isinstance(module, Experts):
             setattr(parent, attr, PrepackedExperts(module))
-        elif module.weight.dtype == torch.bfloat16:
+        elif module.weight.dtype in (torch.bfloat16, torch.float32):
             module.weight = nn.Parameter(prepack_weight(module.weight), requires_grad=False)
         del module
     model.prepacked = True

@@ -11,6 +11,9 @@ import time
 
 import torch
 
+from kimivl.kernels.linear import prepack_weight, prepacked_linear
+from kimivl.kernels.quant import cpu_bf16_fast
+
 
 def once(fn, device: torch.device) -> float:
     """Seconds for one call of fn (synchronised on CUDA)."""
@@ -46,10 +49,17 @@ class Machine:
         self.gemms = {(m, k, n): (torch.randn(m, k, device=device, dtype=dtype),
                                   torch.randn(k, n, device=device, dtype=dtype))
                       for m, k, n in [*gemm_shapes, (2048, 2048, 2048)]}
+        # on CPU also oneDNN's product from a prepacked weight, which beats torch's own GEMM there (kimivl.prepack)
+        self.packed = {}
+        if device.type == "cpu" and torch.backends.mkldnn.is_available() and (
+                dtype == torch.float32 or dtype == torch.bfloat16 and cpu_bf16_fast()):
+            self.packed = {key: (a, prepack_weight(b.t().contiguous())) for key, (a, b) in self.gemms.items()}
 
     def probes(self) -> dict:
         fns = {"probe copy": lambda: self.dst.copy_(self.src), "probe sum": self.src.sum}
         fns |= {f"probe mm {m}x{k}x{n}": (lambda a=a, b=b: a @ b) for (m, k, n), (a, b) in self.gemms.items()}
+        fns |= {f"probe packed mm {m}x{k}x{n}": (lambda a=a, w=w: prepacked_linear(a, w))
+                for (m, k, n), (a, w) in self.packed.items()}
         return fns
 
     def bandwidth(self, times: dict[str, float]) -> float:
@@ -57,8 +67,9 @@ class Machine:
         return max(2 * self.src.nbytes / times["probe copy"], self.src.nbytes / times["probe sum"])
 
     def matmul_rate(self, times: dict[str, float]) -> float:
-        """FLOP/s of the fastest probe GEMM."""
-        return max(2 * m * k * n / times[f"probe mm {m}x{k}x{n}"] for m, k, n in self.gemms)
+        """FLOP/s of the fastest probe GEMM (torch's, or oneDNN's prepacked one where measured)."""
+        return max(2 * m * k * n / times[name.format(m, k, n)] for m, k, n in self.gemms
+                   for name in ("probe mm {}x{}x{}", "probe packed mm {}x{}x{}") if name.format(m, k, n) in times)
 
 
 def describe(device: torch.device) -> str:

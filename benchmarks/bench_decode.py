@@ -22,6 +22,9 @@ memory).
   (192 + 128) per layer) / the matmul rate of the probe GEMMs.
 - peak: the most resident memory above the model during the call (sampled every 2 ms), and the load's peak
   resident memory in a fresh process over the size of the checkpoint's weights.
+
+The probes run in every contender's process; a row's roofline is the smallest limit their figures give (the machine
+at its best), so that the percentages of one row compare.
 """
 
 from __future__ import annotations
@@ -319,21 +322,23 @@ def main() -> None:
     print("|---|" + "---|---|---|" * len(names) + "---|")
     for key in [("decode", b, c) for b, c in decode_grid] + [("prefill", 1, T) for T in args.prefill]:
         kind, batch, length = key
-        cells, limit = [], None
-        for n in names:
-            row = results[n].get(key_name(key))
+        rows = {n: results[n].get(key_name(key)) for n in names}
+        limits = []  # from each contender's own probes; the row's roofline is the smallest: the machine at its best
+        for row in filter(None, rows.values()):
+            if kind == "decode":  # the slower of reading the bytes and doing the matmuls
+                limits.append(max(need[(batch, length)] / row["bw"], work[(batch, length)] / row["mm"]))
+            else:
+                limits.append(flops[length] / row["mm"])
+        limit = min(limits, default=None)
+        cells = []
+        for row in rows.values():
             if row is None:  # not measured: transformers' per-step expansion or prefill over its budget
                 cells.append("— | — | —")
                 continue
-            if kind == "decode":  # the slower of reading the bytes and doing the matmuls
-                mm = row.get("mm") or max(r["mm"] for r in results[n].values() if r and "mm" in r)
-                limit = max(need[(batch, length)] / row["bw"], work[(batch, length)] / mm)
-            else:
-                limit = flops[length] / row["mm"]
             tokens = batch if kind == "decode" else length
             cells.append(f"{row['s'] * 1e3:.1f} | {tokens / row['s']:.1f} | {100 * limit / row['s']:.0f}%")
         label = f"decode B={batch} ctx={length}" if kind == "decode" else f"prefill {length}"
-        print(f"| {label} | " + " | ".join(cells) + f" | {limit * 1e3:.1f} |")
+        print(f"| {label} | " + " | ".join(cells) + (f" | {limit * 1e3:.1f} |" if limit else " | — |"))
     print("\nprefill memory above the model (peak RSS during the call):")
     for n in names:
         print(f"  {n}: " + ", ".join(f"{T}: {results[n][key_name(('prefill', 1, T))]['peak'] / 2 ** 30:.2f} GiB"

@@ -154,7 +154,7 @@ class Ours:
 
     def __init__(self, ckpt: Path, dtype: torch.dtype = torch.float32, prepack: bool = True):
         model = KimiVLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype)
-        if prepack:  # as the CLI's generate, chat, eval and serve do (bfloat16 on an AVX-512 CPU)
+        if prepack:  # as the CLI's generate, chat, eval and serve do on CPU
             model.prepack()
         self.lm = model.language_model
         self.cfg, self.dtype = self.lm.config, dtype

@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import InputError, KimiVLError
@@ -178,7 +179,10 @@ def _load(args: argparse.Namespace):
     processor = KimiVLProcessor.from_pretrained(args.model)
     model = KimiVLForConditionalGeneration.from_pretrained(args.model, dtype=args.dtype, device=args.device,
                                                            quantize=args.quantize, group_size=args.group_size)
-    prepack_for_inference(model)
+    start = time.perf_counter()
+    if prepack_for_inference(model) and time.perf_counter() - start >= 1:
+        print(f"[weights prepacked for CPU inference in {time.perf_counter() - start:.1f} s; KIMIVL_PREPACK=0 skips "
+              "it]", file=sys.stderr)
     if checkpoint and not given:
         print(f"[sampling as the checkpoint's generation_config.json says: {checkpoint.describe()}; --temperature 0 "
               "for greedy]", file=sys.stderr)

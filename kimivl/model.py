@@ -150,10 +150,17 @@ class KimiVLForConditionalGeneration(nn.Module):
         return load(path, dtype=dtype, device=device, progress=progress, quantize=quantize, group_size=group_size)
 
     def prepack(self) -> bool:
-        """bfloat16 on CPU: hold the decoder's weights in oneDNN's blocked layout, for faster inference (see
-        `kimivl.prepack`); returns whether it did (False for another dtype or device, or a CPU without AVX-512)."""
+        """CPU inference: hold the decoder's weights in oneDNN's blocked layout, for faster products (see
+        `kimivl.prepack`); returns whether it did (False off CPU, for a quantized model, or for bfloat16 on a CPU
+        without AVX-512)."""
         from .prepack import prepack
         return prepack(self)
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda(), ... would fail halfway on opaque oneDNN weights
+        if getattr(self, "prepacked", False):
+            from .prepack import refuse_prepacked
+            refuse_prepacked(self, "moving or converting it (.to, .float, .cuda)")
+        return super()._apply(fn, recurse)
 
     def unprepack(self) -> "KimiVLForConditionalGeneration":
         """Undo `prepack` exactly (needed before training or saving)."""

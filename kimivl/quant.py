@@ -171,6 +171,8 @@ def quantize_model(model: nn.Module, scheme: Scheme) -> nn.Module:
     built). Returns the model."""
     if getattr(model, "quantization", None) is not None:
         raise InputError(f"the model is already quantized ({model.quantization})")
+    from .prepack import refuse_prepacked
+    refuse_prepacked(model, "quantizing")
     floats = dict(model.state_dict())
     device = model.language_model.model.norm.weight.device
     targets = quantize_modules(model, scheme, model.language_model.model.norm.weight.dtype, device)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight [N, K]^T (+ bias): `F.linear`, except for two or more rows in float32 on CPU, computed as
@@ -37,10 +39,14 @@ def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (bfloat16, CPU) @ a prepacked weight^T (+ bias). The oneDNN op has no backward: where x needs a
-    gradient, the weight is unpacked for the call and F.linear computes it (the weight itself takes none)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return F.linear(x, weight.to_dense(), bias)
+    """x [..., K] (CPU, the weight's dtype) @ a prepacked weight^T (+ bias). The oneDNN op has no backward: where x
+    or the bias needs a gradient, the weight is unpacked for the call (a copy of it) and F.linear computes it; a
+    prepacked weight itself takes no gradient (it is refused)."""
+    if torch.is_grad_enabled():
+        if weight.requires_grad:
+            raise InputError("a prepacked weight takes no gradient: call model.unprepack() before training")
+        if x.requires_grad or (bias is not None and bias.requires_grad):
+            return F.linear(x, weight.to_dense(), bias)
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "").view(*x.shape[:-1], weight.shape[0])
 

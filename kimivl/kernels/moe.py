@@ -44,7 +44,7 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_
 
 class PrepackedStack(tuple):
     """A stack of expert weights [E, N, K] held as one prepacked oneDNN tensor per expert (`linear.prepack_weight`;
-    `kimivl.prepack`): what `moe_experts` takes in place of a stacked tensor on CPU, bfloat16, for inference."""
+    `kimivl.prepack`): what `moe_experts` takes in place of a stacked tensor on CPU, for inference."""
 
     @property
     def shape(self) -> torch.Size:

@@ -45,8 +45,13 @@ def absorbed_attention_reference(q_nope: torch.Tensor, q_pe: torch.Tensor, laten
     w_uk, w_uv = absorb_weights(kv_b_weight, heads, q_nope.shape[3])
     q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk).flatten(1, 2)  # [B, heads * T, C]
     q_rope = q_pe.transpose(1, 2).flatten(1, 2)  # [B, heads * T, rope]
-    scores = torch.baddbmm(q_latent @ latent.transpose(1, 2), q_rope, k_pe.transpose(1, 2))  # [B, heads * T, S]
-    scores = scores.float().mul_(scale).view(B, heads, T, -1)
+    if T == 1:  # decode: as (latent @ q^T)^T, the cache the row-major operand, which torch's CPU bfloat16 bmm
+        # multiplies up to 9x faster than a transposed one for few rows (one sequence, 8,192 slots: 0.6 against 5.6 ms
+        # a layer; the same at 32 sequences); for a chunk of 512 queries it is 1.1-1.35x slower
+        scores = torch.baddbmm(latent @ q_latent.transpose(1, 2), k_pe, q_rope.transpose(1, 2)).transpose(1, 2)
+    else:
+        scores = torch.baddbmm(q_latent @ latent.transpose(1, 2), q_rope, k_pe.transpose(1, 2))  # [B, heads * T, S]
+    scores = scores.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).view(B, heads, T, -1)
     if kv_lens is not None:
         within = torch.arange(latent.shape[1], device=latent.device) < kv_lens[:, None]  # [B, S]
         mask = within[:, None, None] if mask is None else mask & within[:, None, None]

@@ -34,6 +34,7 @@ from bench_generate import wide_config  # noqa: E402
 from kimivl import KimiVLForConditionalGeneration, KimiVLProcessor  # noqa: E402
 from kimivl.engine import Engine  # noqa: E402
 from kimivl.model import init_weights  # noqa: E402
+from kimivl.prepack import prepack_for_inference  # noqa: E402
 from kimivl.serve import create_app, in_thread  # noqa: E402
 
 
@@ -178,9 +179,10 @@ def main() -> None:
     args = parser.parse_args()
     path = args.model or write_wide(args.work)
     model, processor = KimiVLForConditionalGeneration.from_pretrained(path), KimiVLProcessor.from_pretrained(path)
+    packed = prepack_for_inference(model)  # as `kimivl serve` does (KIMIVL_PREPACK=0: the plain layout)
     convs = requests(args.requests)
-    print(f"{path}: {args.requests} requests of {args.max_tokens} tokens, greedy, {model.dtype}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"{path}: {args.requests} requests of {args.max_tokens} tokens, greedy, {model.dtype}"
+          f"{', prepacked' if packed else ''}, {torch.get_num_threads()} threads")
 
     sequential = load(model, processor, 1, convs, args.max_tokens, max_batch=1)
     rows = [("one at a time (1 client, 1 row)", sequential)]

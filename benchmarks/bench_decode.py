@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from kimivl import KimiVLConfig, MLACache, TextConfig, VisionConfig
-from kimivl.kernels.quant import cpu_bf16_fast
+from kimivl.kernels.linear import prepackable
 from kimivl.model import KimiVLForConditionalGeneration, init_weights
 from limits import Machine, best_times, describe
 
@@ -303,7 +303,7 @@ def main() -> None:
           f"'—': not measured, transformers' per-head keys and values (expanded each step) over "
           f"{EXPAND_BUDGET / 2 ** 30:.0f} GiB a layer, or its prefill past {HF_PREFILL_MAX} tokens\n")
     names = ["kimivl"] + ([] if args.skip_transformers or args.dtype != "float32" else ["transformers"])
-    if args.dtype == "float32" or cpu_bf16_fast():  # the baseline of prepacking, in the same run
+    if prepackable(torch.device("cpu"), getattr(torch, args.dtype)):  # the baseline of prepacking, in the same run
         names.append("kimivl-plain")
     results, loads = {}, {}
     for n in names:  # each in a fresh process: the two models never share this machine's memory

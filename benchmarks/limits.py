@@ -11,8 +11,7 @@ import time
 
 import torch
 
-from kimivl.kernels.linear import prepack_weight, prepacked_linear
-from kimivl.kernels.quant import cpu_bf16_fast
+from kimivl.kernels.linear import prepack_weight, prepackable, prepacked_linear
 
 
 def once(fn, device: torch.device) -> float:
@@ -51,8 +50,7 @@ class Machine:
                       for m, k, n in [*gemm_shapes, (2048, 2048, 2048)]}
         # on CPU also oneDNN's product from a prepacked weight, which beats torch's own GEMM there (kimivl.prepack)
         self.packed = {}
-        if device.type == "cpu" and torch.backends.mkldnn.is_available() and (
-                dtype == torch.float32 or dtype == torch.bfloat16 and cpu_bf16_fast()):
+        if prepackable(device, dtype):
             self.packed = {key: (a, prepack_weight(b.t().contiguous())) for key, (a, b) in self.gemms.items()}
 
     def probes(self) -> dict:

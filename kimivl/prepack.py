@@ -27,9 +27,8 @@ from torch import nn
 
 from .decoder import Experts
 from .errors import InputError
-from .kernels.linear import Linear, prepack_weight
+from .kernels.linear import Linear, prepack_weight, prepackable
 from .kernels.moe import PrepackedStack
-from .kernels.quant import cpu_bf16_fast
 
 ENV = "KIMIVL_PREPACK"
 
@@ -37,11 +36,8 @@ ENV = "KIMIVL_PREPACK"
 def can_prepack(model: nn.Module) -> bool:
     """The model's float decoder is on CPU in float32, or in bfloat16 where oneDNN runs bfloat16 (an AVX-512 CPU),
     torch has oneDNN, and the model is neither quantized nor prepacked already."""
-    lm = model.language_model
-    dtype = lm.model.norm.weight.dtype
     return (not getattr(model, "prepacked", False) and getattr(model, "quantization", None) is None
-            and lm.model.norm.weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and (dtype == torch.float32 or dtype == torch.bfloat16 and cpu_bf16_fast()))
+            and prepackable(model.device, model.dtype))
 
 
 class PrepackedExperts(nn.Module):
@@ -50,21 +46,14 @@ class PrepackedExperts(nn.Module):
 
     def __init__(self, experts: Experts):
         super().__init__()
-        self.num_experts = experts.gate_up_proj.shape[0]
         for part, stack in (("gate_up", experts.gate_up_proj), ("down", experts.down_proj)):
-            for e in range(self.num_experts):
+            for e in range(stack.shape[0]):
                 self.register_buffer(f"{part}_{e}", prepack_weight(stack[e]))
-
-    def _stack(self, part: str) -> PrepackedStack:
-        return PrepackedStack(getattr(self, f"{part}_{e}") for e in range(self.num_experts))
-
-    @property
-    def gate_up_proj(self) -> PrepackedStack:
-        return self._stack("gate_up")
-
-    @property
-    def down_proj(self) -> PrepackedStack:
-        return self._stack("down")
+        # the same tensors as stacks, gathered once, not in every forward (buffers are never replaced: a prepacked
+        # model refuses .to())
+        n = experts.gate_up_proj.shape[0]
+        self.gate_up_proj = PrepackedStack(getattr(self, f"gate_up_{e}") for e in range(n))
+        self.down_proj = PrepackedStack(getattr(self, f"down_{e}") for e in range(n))
 
     def dense(self) -> Experts:
         """The plain `decoder.Experts` holding these weights (exactly)."""

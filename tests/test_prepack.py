@@ -55,12 +55,13 @@ def test_prepacked_f32_linear_matches_float64_reference(rows):
     assert err <= 96 * 2 ** -24  # float32 summation over 96 terms, worst case
 
 
-@needs_onednn_bf16
-def test_prepacked_bf16_experts_match_reference():
-    E, H, I, T, k = 6, 64, 40, 9, 2
-    gate_up = (torch.randn(E, 2 * I, H) * 0.05).bfloat16()
-    down = (torch.randn(E, H, I) * 0.05).bfloat16()
-    x = torch.randn(T, H).bfloat16()
+E, H, I, T, k = 6, 64, 40, 9, 2  # the expert cases: experts, hidden, intermediate, tokens, experts per token
+
+
+def experts_case(dtype: torch.dtype):
+    """x, ids, weights, gate_up, down in `dtype`, and the routed experts' output with the weights prepacked."""
+    gate_up, down = (torch.randn(E, 2 * I, H) * 0.05).to(dtype), (torch.randn(E, H, I) * 0.05).to(dtype)
+    x = torch.randn(T, H).to(dtype)
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
     ids[:, 0] = torch.where(ids[:, 1] == 0, 1, 0)  # expert 0 gets most tokens, some experts none
     weights = torch.rand(T, k)
@@ -68,6 +69,13 @@ def test_prepacked_bf16_experts_match_reference():
     assert stack(gate_up).shape == gate_up.shape
     with torch.no_grad():
         got = moe_experts(x, ids, weights, stack(gate_up), stack(down))
+    return x, ids, weights, gate_up, down, got
+
+
+@needs_onednn_bf16
+def test_prepacked_bf16_experts_match_reference():
+    x, ids, weights, gate_up, down, got = experts_case(torch.bfloat16)
+    with torch.no_grad():
         ref = moe_experts_reference(x, ids, weights, gate_up, down)
         ref32 = moe_experts_reference(x.float(), ids, weights, gate_up.float(), down.float())
     assert got.dtype == torch.bfloat16
@@ -77,13 +85,7 @@ def test_prepacked_bf16_experts_match_reference():
 
 
 def test_prepacked_f32_experts_match_reference():
-    E, H, I, T, k = 6, 64, 40, 9, 2
-    gate_up, down, x = torch.randn(E, 2 * I, H) * 0.05, torch.randn(E, H, I) * 0.05, torch.randn(T, H)
-    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
-    weights = torch.rand(T, k)
-    stack = lambda w: PrepackedStack(prepack_weight(w[e]) for e in range(E))  # noqa: E731
-    with torch.no_grad():
-        got = moe_experts(x, ids, weights, stack(gate_up), stack(down))
+    x, ids, weights, gate_up, down, got = experts_case(torch.float32)
     ref = torch.zeros(T, H, dtype=torch.float64)  # token by token, in float64
     for t in range(T):
         for j in range(k):
@@ -177,7 +179,7 @@ def test_prepack_leaves_other_models_alone(tiny_checkpoint, monkeypatch):
     assert not quantized.prepack() and not quantized.prepacked
     bf16 = KimiVLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)
     before = {k: v.clone() for k, v in bf16.state_dict().items()}
-    monkeypatch.setattr("kimivl.prepack.cpu_bf16_fast", lambda: False)  # an AVX2 CPU: bfloat16 stays as it is
+    monkeypatch.setattr("kimivl.kernels.linear.cpu_bf16_fast", lambda: False)  # an AVX2 CPU: bfloat16 stays as it is
     assert not bf16.prepack() and not bf16.prepacked
     assert all(torch.equal(v, before[k]) for k, v in bf16.state_dict().items())
     f32 = KimiVLForConditionalGeneration.from_pretrained(path)

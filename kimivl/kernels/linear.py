@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from .quant import cpu_bf16_fast
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -26,6 +27,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def prepackable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Weights of this device and dtype can be prepacked: CPU with oneDNN, float32, or bfloat16 where oneDNN runs it
+    (an AVX-512 CPU: `cpu_bf16_fast`)."""
+    return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+            and (dtype == torch.float32 or dtype == torch.bfloat16 and cpu_bf16_fast()))
 
 
 def prepack_weight(weight: torch.Tensor) -> torch.Tensor:

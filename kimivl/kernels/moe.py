@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import backend_for
-from .linear import linear, prepacked_linear
+from .linear import linear
 from .quant import QuantWeight, quant_matmul
 
 
@@ -95,20 +95,19 @@ def grouped_linear(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, ends
     Inference in float32 on CPU loops over the experts that got rows with `kernels.linear`: torch's CPU grouped_mm
     multiplies as x @ w^T, the slow form there (one A3B MoE layer, 32 decode rows: 493 against 294 ms; 512 prefill
     tokens: 1,379 against 1,196; one row: the same). Quantized w (`QuantWeight`): `quant_matmul` per used expert;
-    prepacked w (`PrepackedStack`): oneDNN's product per used expert."""
-    if isinstance(w, PrepackedStack):
-        parts = [prepacked_linear(xe, w[e]) for e, xe in enumerate(xs.split(counts.tolist())) if xe.shape[0]]
+    prepacked w (`PrepackedStack`): oneDNN's product per used expert (through `kernels.linear`)."""
+    def per_expert(product) -> torch.Tensor:
+        parts = [product(xe, w[e]) for e, xe in enumerate(xs.split(counts.tolist())) if xe.shape[0]]
         return torch.cat(parts) if parts else xs.new_empty(0, w.shape[1])
+
     if isinstance(w, QuantWeight):
-        parts = [quant_matmul(xe, w[e]) for e, xe in enumerate(xs.split(counts.tolist())) if xe.shape[0]]
-        return torch.cat(parts) if parts else xs.new_empty(0, w.shape[1])
-    if xs.device.type == "cpu" and xs.dtype == torch.float32 and not (torch.is_grad_enabled() and (
-            xs.requires_grad or w.requires_grad)):
-        parts = [linear(xe, w[e]) for e, xe in enumerate(xs.split(counts.tolist())) if xe.shape[0]]
-        return torch.cat(parts) if parts else xs.new_empty(0, w.shape[1])
+        return per_expert(quant_matmul)
+    if isinstance(w, PrepackedStack) or (xs.device.type == "cpu" and xs.dtype == torch.float32 and not (
+            torch.is_grad_enabled() and (xs.requires_grad or w.requires_grad))):
+        return per_expert(linear)
     if grouped_mm_usable(xs, w):
         return F.grouped_mm(xs, w.transpose(1, 2), offs=ends)
-    return torch.cat([F.linear(xe, w[e]) for e, xe in enumerate(xs.split(counts.tolist())) if xe.shape[0]])
+    return per_expert(F.linear)
 
 
 def grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:

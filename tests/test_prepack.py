@@ -55,6 +55,23 @@ def test_prepacked_f32_linear_matches_float64_reference(rows):
     assert err <= 96 * 2 ** -24  # float32 summation over 96 terms, worst case
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_onednn_bf16)])
+def test_prepacked_product_of_few_rows(dtype):
+    """1-7 rows, 2-D and 3-D: fewer than `prepacked_min_rows` (6 on AVX-512) are padded with zero rows whose outputs
+    are dropped; every row is still its own product, against the float64 reference."""
+    w, x = (torch.randn(300, 96) * 0.05).to(dtype), torch.randn(7, 96).to(dtype)
+    packed = prepack_weight(w)
+    ref = (x.double() @ w.double().T).float()
+    for n in range(1, 8):
+        for rows in (x[:n], x[:n].view(n, 1, 96)):
+            y = linear(rows, packed)
+            assert y.shape == (*rows.shape[:-1], 300) and y.dtype == dtype
+            if dtype == torch.float32:
+                assert (y.reshape(n, 300) - ref[:n]).abs().max() <= 96 * 2 ** -24 * ref[:n].abs().max()
+            else:
+                assert within_bf16(y.reshape(n, 300), ref[:n], 96)
+
+
 E, H, I, T, k = 6, 64, 40, 9, 2  # the expert cases: experts, hidden, intermediate, tokens, experts per token
 
 

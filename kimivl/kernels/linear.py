@@ -3,6 +3,9 @@ oneDNN's blocked layout for CPU inference (`prepack_weight`, `kimivl.prepack`)."
 
 from __future__ import annotations
 
+import os
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +39,23 @@ def prepackable(device: torch.device, dtype: torch.dtype) -> bool:
             and (dtype == torch.float32 or dtype == torch.bfloat16 and cpu_bf16_fast()))
 
 
+@cache
+def onednn_avx512() -> bool:
+    """oneDNN runs its AVX-512 kernels here (ATen's CPU capability; ONEDNN_MAX_CPU_ISA=AVX2 holds oneDNN back)."""
+    held = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and not held.startswith(("AVX2", "SSE"))
+
+
+def prepacked_min_rows() -> int:
+    """The fewest rows a prepacked product is given: 6 with oneDNN's AVX-512 kernels, which multiply 1-5 rows slower
+    than 6 (zero rows are added and their outputs dropped), else 1. Measured on the 2-thread AVX512-BF16 EPYC, 64
+    expert weights 2,816 x 2,048 read in turn, ms per product for 1 / 2 / 4 / 6 / 8 rows: float32 0.89 / 1.03 / 0.81 /
+    0.74 / 0.94, bfloat16 0.53 / 0.55 / 0.44 / 0.39 / 0.51; the A3B output head in bfloat16 24.5 / 27.5 / 21.5 /
+    20.7 / 24.9. Held to AVX2 the time only grows with the rows (0.90 / 1.01 / 1.12 / 1.20 / 1.32), and nothing is
+    added."""
+    return 6 if onednn_avx512() else 1
+
+
 def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
     """A float32 or bfloat16 CPU weight [N, K] reordered into oneDNN's blocked layout for its matmul kernels (an
     opaque `is_mkldnn` tensor of the same size; `.to_dense()` gives the weight back exactly). On the 2-thread
@@ -43,7 +63,10 @@ def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
     1 / 8 / 32 rows takes 34 / 39 / 71 ms in bfloat16 with torch's own product and 25 / 24 / 55 ms prepacked; in
     float32 `linear`'s best form takes 71 / 158 / 253 ms and the prepacked product 47 / 77 / 156. Expert-sized weights
     gain 1.2-1.9x; from 48 to 2,048 rows the prepacked product was never slower."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    # the layout for the rows oneDNN expects: 4 with its AVX-512 kernels (with prepacked_min_rows' padding, a float32
+    # decode step of bench_decode's 3-layer A3B model at batch 1 / 2 / 8 took 66.5 / 77 / 167 ms against 66 / 108 /
+    # 224 with the one-row layout unpadded), one row held to AVX2 (an expert's product: 0.57 against 0.76 ms)
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 4 if onednn_avx512() else 1)
 
 
 def prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,8 +78,12 @@ def prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             raise InputError("a prepacked weight takes no gradient: call model.unprepack() before training")
         if x.requires_grad or (bias is not None and bias.requires_grad):
             return F.linear(x, weight.to_dense(), bias)
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "").view(*x.shape[:-1], weight.shape[0])
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    if n < prepacked_min_rows():
+        rows = torch.cat([rows, rows.new_zeros(prepacked_min_rows() - n, rows.shape[1])])
+    out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), weight, bias, "none", [], "")
+    return out[:n].view(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):

@@ -60,9 +60,10 @@ def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
     """A float32 or bfloat16 CPU weight [N, K] reordered into oneDNN's blocked layout for its matmul kernels (an
     opaque `is_mkldnn` tensor of the same size; `.to_dense()` gives the weight back exactly). On the 2-thread
     AVX512-BF16 EPYC this project is measured on (torch 2.13, cold caches), the A3B output head (163,840 x 2,048) at
-    1 / 8 / 32 rows takes 34 / 39 / 71 ms in bfloat16 with torch's own product and 25 / 24 / 55 ms prepacked; in
-    float32 `linear`'s best form takes 71 / 158 / 253 ms and the prepacked product 47 / 77 / 156. Expert-sized weights
-    gain 1.2-1.9x; from 48 to 2,048 rows the prepacked product was never slower."""
+    1 / 8 / 32 rows takes 34 / 39 / 71 ms in bfloat16 with torch's own product and 21 / 25 / 55 ms prepacked (one row
+    padded to six, `prepacked_min_rows`); in float32 `linear`'s best form takes 71 / 158 / 253 ms and the prepacked
+    product 44 / 51 / 110. Expert-sized weights gain 1.2-1.9x; from 48 to 2,048 rows the prepacked product was never
+    slower."""
     # the layout for the rows oneDNN expects: 4 with its AVX-512 kernels (with prepacked_min_rows' padding, a float32
     # decode step of bench_decode's 3-layer A3B model at batch 1 / 2 / 8 took 66.5 / 77 / 167 ms against 66 / 108 /
     # 224 with the one-row layout unpadded), one row held to AVX2 (an expert's product: 0.57 against 0.76 ms)

